@@ -1,0 +1,29 @@
+//! Command-line front end: parse, call the library, print. Thin on purpose.
+
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tpserve",
+    version,
+    about = "Tensor-parallel LLM inference for CPUs and clusters"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate a continuation of one prompt (token ids or text).
+    Generate(generate::GenerateArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+    }
+}

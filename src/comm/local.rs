@@ -1,0 +1,412 @@
+//! The `local` backend: ranks are threads of one process exchanging data through shared memory.
+//!
+//! Each rank owns two publication slots (double-buffered by operation parity). A collective
+//! is: write own slot, pass a barrier, read the other ranks' slots. With two alternating slot
+//! sets a single barrier per operation is enough: a rank can only overwrite a slot set again
+//! after every rank has passed the next operation's barrier, i.e. finished reading this one.
+//! Large all-reduces with three or more ranks add a reduce-scatter phase (each rank sums one
+//! chunk) and a second barrier, so that no rank reads every slot in full.
+//!
+//! Waiting spins briefly and then sleeps on a condition variable: with more ranks than cores,
+//! pure spinning would cost a scheduler slice per collective.
+
+use super::Comm;
+use anyhow::{bail, Result};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// All-reduces at least this long (in floats) use reduce-scatter + all-gather when size ≥ 3.
+const REDUCE_SCATTER_MIN_LEN: usize = 16 * 1024;
+
+/// Creates the members of a local group of `size` ranks; hand one to each rank's thread.
+pub struct LocalGroup;
+
+impl LocalGroup {
+    pub fn create(size: usize) -> Vec<LocalComm> {
+        assert!(size > 0, "a group needs at least one rank");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shared = Arc::new(Shared {
+            size,
+            barrier: Barrier::new(size, spin_budget(size, cores)),
+            slots: (0..size)
+                .map(|_| {
+                    [
+                        UnsafeCell::new(Slot::default()),
+                        UnsafeCell::new(Slot::default()),
+                    ]
+                })
+                .collect(),
+        });
+        (0..size)
+            .map(|rank| LocalComm {
+                shared: shared.clone(),
+                rank,
+                parity: 0,
+                pending: None,
+                scratch: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+/// How long a waiter spins before sleeping: long enough to catch a peer that is a few
+/// microseconds behind, and nearly nothing when ranks outnumber cores (the peer we wait
+/// for may need our core to make progress).
+fn spin_budget(size: usize, cores: usize) -> Duration {
+    if size <= cores {
+        Duration::from_micros(200)
+    } else {
+        Duration::from_micros(2)
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    words: Vec<u64>,
+    len_bytes: usize,
+}
+
+impl Slot {
+    fn write_f32<'t>(&mut self, parts: impl Iterator<Item = &'t [f32]> + Clone) {
+        let total: usize = parts.clone().map(|p| p.len()).sum();
+        self.reserve_bytes(total * 4);
+        let mut at = 0;
+        let dst: &mut [f32] = bytemuck::cast_slice_mut(&mut self.words);
+        for part in parts {
+            dst[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        self.len_bytes = total * 4;
+    }
+
+    fn write_bytes(&mut self, data: &[u8]) {
+        self.reserve_bytes(data.len());
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut self.words);
+        dst[..data.len()].copy_from_slice(data);
+        self.len_bytes = data.len();
+    }
+
+    fn reserve_bytes(&mut self, bytes: usize) {
+        let words = bytes.div_ceil(8);
+        if self.words.len() < words {
+            self.words.resize(words, 0);
+        }
+    }
+
+    fn f32s(&self) -> &[f32] {
+        &bytemuck::cast_slice(&self.words)[..self.len_bytes / 4]
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len_bytes]
+    }
+}
+
+struct Shared {
+    size: usize,
+    barrier: Barrier,
+    /// `slots[rank][parity]`: written only by `rank`, read by all after a barrier.
+    slots: Vec<[UnsafeCell<Slot>; 2]>,
+}
+
+// SAFETY: a slot is written only by its owner, and only while no other rank reads it (the
+// double-buffering protocol above); the barrier's acquire/release orders the accesses.
+unsafe impl Sync for Shared {}
+
+/// One rank's member of a [`LocalGroup`].
+pub struct LocalComm {
+    shared: Arc<Shared>,
+    rank: usize,
+    parity: usize,
+    /// The barrier generation a begun all-reduce waits on, and its length.
+    pending: Option<(u64, usize)>,
+    /// This rank's chunk of a reduce-scatter, summed before it is published.
+    scratch: Vec<f32>,
+}
+
+impl LocalComm {
+    fn own_slot(&mut self) -> &mut Slot {
+        // SAFETY: only this rank writes its slot, and no rank reads this parity's slots
+        // until it passes the barrier that follows this write.
+        unsafe { &mut *self.shared.slots[self.rank][self.parity].get() }
+    }
+
+    fn slot(&self, rank: usize) -> &Slot {
+        // SAFETY: called only after the barrier that follows every rank's write.
+        unsafe { &*self.shared.slots[rank][self.parity].get() }
+    }
+
+    fn sync(&self) -> Result<()> {
+        let generation = self.shared.barrier.arrive();
+        self.shared.barrier.wait(generation)
+    }
+
+    fn finish_op(&mut self) {
+        self.parity ^= 1;
+    }
+
+    /// The chunk of a `len`-long reduction that `rank` sums in the reduce-scatter phase.
+    fn chunk(&self, len: usize, rank: usize) -> std::ops::Range<usize> {
+        let n = self.shared.size;
+        (len * rank / n)..(len * (rank + 1) / n)
+    }
+
+    /// After every rank published `len` floats: makes `sum(logical[offset..])` readable by
+    /// [`Self::read_sum`]. Returns whether the reduce-scatter layout is in use.
+    fn reduce(&mut self, len: usize) -> Result<bool> {
+        let n = self.shared.size;
+        if n < 3 || len < REDUCE_SCATTER_MIN_LEN {
+            return Ok(false);
+        }
+        let mine = self.chunk(len, self.rank);
+        let slots = &self.shared.slots;
+        let acc = &mut self.scratch;
+        acc.clear();
+        acc.resize(mine.len(), 0.0);
+        // SAFETY: in this phase every rank only reads other ranks' slots, each its own
+        // chunk; writing our chunk back waits until all our reads are done.
+        unsafe {
+            for (r, slot) in slots.iter().enumerate() {
+                let src = (*slot[self.parity].get()).words.as_ptr() as *const f32;
+                let src = std::slice::from_raw_parts(src.add(mine.start), mine.len());
+                if r == 0 {
+                    acc.copy_from_slice(src);
+                } else {
+                    for (o, s) in acc.iter_mut().zip(src) {
+                        *o += *s;
+                    }
+                }
+            }
+            let own = (*slots[self.rank][self.parity].get()).words.as_mut_ptr() as *mut f32;
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), own.add(mine.start), mine.len());
+        }
+        self.sync()?;
+        Ok(true)
+    }
+
+    /// Writes the reduced values of `[offset, offset + out.len())` into `out`.
+    fn read_sum(&self, scattered: bool, len: usize, offset: usize, out: &mut [f32]) {
+        if !scattered {
+            let range = offset..offset + out.len();
+            out.copy_from_slice(&self.slot(0).f32s()[range.clone()]);
+            for r in 1..self.shared.size {
+                for (o, s) in out.iter_mut().zip(&self.slot(r).f32s()[range.clone()]) {
+                    *o += *s;
+                }
+            }
+            return;
+        }
+        let end = offset + out.len();
+        for r in 0..self.shared.size {
+            let chunk = self.chunk(len, r);
+            let (lo, hi) = (chunk.start.max(offset), chunk.end.min(end));
+            if lo < hi {
+                // SAFETY: after the reduce-scatter barrier, chunks are only read.
+                let owner = unsafe {
+                    let p = (*self.shared.slots[r][self.parity].get()).words.as_ptr() as *const f32;
+                    std::slice::from_raw_parts(p.add(lo), hi - lo)
+                };
+                out[lo - offset..hi - offset].copy_from_slice(owner);
+            }
+        }
+    }
+}
+
+impl Comm for LocalComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    fn all_reduce_many(&mut self, tensors: &mut [&mut [f32]]) -> Result<()> {
+        let len: usize = tensors.iter().map(|t| t.len()).sum();
+        // SAFETY: as in `own_slot`; the tensors are only read here.
+        let own = unsafe { &mut *self.shared.slots[self.rank][self.parity].get() };
+        own.write_f32(tensors.iter().map(|t| &**t));
+        self.sync()?;
+        let scattered = self.reduce(len)?;
+        let mut offset = 0;
+        for t in tensors.iter_mut() {
+            self.read_sum(scattered, len, offset, t);
+            offset += t.len();
+        }
+        self.finish_op();
+        Ok(())
+    }
+
+    fn all_gather(&mut self, local: &[f32], out: &mut Vec<f32>) -> Result<()> {
+        self.own_slot().write_f32(std::iter::once(local));
+        self.sync()?;
+        out.clear();
+        for r in 0..self.shared.size {
+            out.extend_from_slice(self.slot(r).f32s());
+        }
+        self.finish_op();
+        Ok(())
+    }
+
+    fn broadcast(&mut self, data: &mut Vec<u8>, root: usize) -> Result<()> {
+        if root >= self.shared.size {
+            bail!(
+                "broadcast root {root} is not a rank of a group of {}",
+                self.shared.size
+            );
+        }
+        if self.rank == root {
+            self.own_slot().write_bytes(data);
+        }
+        self.sync()?;
+        if self.rank != root {
+            data.clear();
+            data.extend_from_slice(self.slot(root).bytes());
+        }
+        self.finish_op();
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.sync()
+    }
+
+    fn begin_all_reduce(&mut self, data: &[f32]) -> Result<()> {
+        if self.pending.is_some() {
+            bail!("an all-reduce is already in flight on rank {}", self.rank);
+        }
+        self.own_slot().write_f32(std::iter::once(data));
+        let generation = self.shared.barrier.arrive();
+        self.pending = Some((generation, data.len()));
+        Ok(())
+    }
+
+    fn end_all_reduce(&mut self, data: &mut [f32]) -> Result<()> {
+        let Some((generation, len)) = self.pending.take() else {
+            bail!(
+                "end_all_reduce without begin_all_reduce on rank {}",
+                self.rank
+            );
+        };
+        if len != data.len() {
+            bail!(
+                "all-reduce began with {len} floats but ended with {}",
+                data.len()
+            );
+        }
+        self.shared.barrier.wait(generation)?;
+        let scattered = self.reduce(len)?;
+        self.read_sum(scattered, len, 0, data);
+        self.finish_op();
+        Ok(())
+    }
+
+    fn abort_handle(&self) -> super::AbortHandle {
+        let (shared, rank) = (self.shared.clone(), self.rank);
+        Box::new(move |reason| {
+            shared
+                .barrier
+                .abort(format!("rank {rank} failed: {reason}"))
+        })
+    }
+}
+
+/// A reusable, split-phase barrier that spins for a while and then sleeps, and that can be
+/// aborted so that no rank waits forever for a rank that died.
+struct Barrier {
+    size: usize,
+    arrived: AtomicUsize,
+    generation: AtomicU64,
+    sleepers: AtomicUsize,
+    aborted: AtomicBool,
+    reason: Mutex<String>,
+    lock: Mutex<()>,
+    wake: Condvar,
+    spin: Duration,
+}
+
+impl Barrier {
+    fn new(size: usize, spin: Duration) -> Self {
+        Barrier {
+            size,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            sleepers: AtomicUsize::new(0),
+            aborted: AtomicBool::new(false),
+            reason: Mutex::new(String::new()),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            spin,
+        }
+    }
+
+    /// Announces arrival; returns the generation to pass to [`Barrier::wait`].
+    fn arrive(&self) -> u64 {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.size {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.store(generation + 1, Ordering::SeqCst);
+            if self.sleepers.load(Ordering::SeqCst) > 0 {
+                let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.wake.notify_all();
+            }
+        }
+        generation
+    }
+
+    /// Waits until every rank has arrived at the barrier of `generation`.
+    fn wait(&self, generation: u64) -> Result<()> {
+        let passed = || self.generation.load(Ordering::Acquire) != generation;
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !passed() {
+            if self.aborted.load(Ordering::Acquire) {
+                return Err(self.abort_error());
+            }
+            spins += 1;
+            if !spins.is_multiple_of(64) {
+                std::hint::spin_loop();
+                continue;
+            }
+            if start.elapsed() < self.spin {
+                continue;
+            }
+            self.sleep(generation);
+        }
+        Ok(())
+    }
+
+    fn sleep(&self, generation: u64) {
+        let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        while self.generation.load(Ordering::SeqCst) == generation
+            && !self.aborted.load(Ordering::SeqCst)
+        {
+            // The timeout is a safety net only; wake-ups come from `arrive` and `abort`.
+            guard = match self.wake.wait_timeout(guard, Duration::from_millis(50)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn abort(&self, reason: String) {
+        {
+            let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            if r.is_empty() {
+                *r = reason;
+            }
+        }
+        self.aborted.store(true, Ordering::SeqCst);
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.wake.notify_all();
+    }
+
+    fn abort_error(&self) -> anyhow::Error {
+        let r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        anyhow::anyhow!("tensor-parallel group aborted: {r}")
+    }
+}

@@ -1,0 +1,291 @@
+//! The rank runtime: N ranks as threads, each loading its shard; rank 0 drives, the others
+//! run the worker loop (receive a step plan, run the forward pass, contribute).
+
+use super::affinity;
+use super::plan::StepPlan;
+use crate::comm::{Comm, LocalGroup};
+use crate::kernels::Threads;
+use crate::loader::{ModelConfig, TensorSource};
+use crate::model::{KvCache, Logits, Model};
+use crate::shard::Partition;
+use anyhow::{anyhow, bail, Result};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// How to lay out a tensor-parallel group on this machine.
+#[derive(Debug, Clone)]
+pub struct GroupOptions {
+    pub tp: usize,
+    /// Kernel threads per rank; `None`: the machine's cores divided by tp, at least 1.
+    pub threads_per_rank: Option<usize>,
+    /// Positions of KV cache each rank allocates.
+    pub kv_capacity: usize,
+}
+
+impl GroupOptions {
+    pub fn threads_per_rank(&self) -> usize {
+        self.threads_per_rank.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / self.tp.max(1)).max(1)
+        })
+    }
+}
+
+/// Checks a tp size against a model before any thread starts.
+pub fn validate_tp(cfg: &ModelConfig, tp: usize) -> Result<()> {
+    if tp == 0 {
+        bail!("--tp must be at least 1");
+    }
+    if tp > cfg.num_heads {
+        bail!(
+            "--tp {tp} is larger than the model's {} attention heads; use --tp {} or less",
+            cfg.num_heads,
+            cfg.num_heads
+        );
+    }
+    Ok(())
+}
+
+/// One rank's state: its shard, its KV cache and its handle on the group.
+pub struct Rank {
+    pub model: Model,
+    pub kv: KvCache,
+    pub comm: Box<dyn Comm>,
+}
+
+/// Rank 0's side of the group: it plans each step, and every rank executes it.
+pub struct Driver<'a> {
+    rank: &'a mut Rank,
+    plan: Vec<u8>,
+    gathered: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Driver<'_> {
+    pub fn config(&self) -> &ModelConfig {
+        self.rank.model.config()
+    }
+
+    pub fn kv_capacity(&self) -> usize {
+        self.rank.kv.capacity()
+    }
+
+    pub fn tp(&self) -> usize {
+        self.rank.comm.size()
+    }
+
+    /// Runs `tokens` at `start_pos..` on every rank; returns the full-vocabulary logits of
+    /// the positions asked, `[positions × vocab]`.
+    pub fn forward(&mut self, tokens: &[u32], start_pos: usize, logits: Logits) -> Result<&[f32]> {
+        StepPlan::Forward {
+            tokens,
+            start_pos,
+            logits,
+        }
+        .encode(&mut self.plan);
+        self.rank.comm.broadcast(&mut self.plan, 0)?;
+        let vocab = self.rank.model.config().vocab_size;
+        execute_forward(self.rank, tokens, start_pos, logits, &mut self.gathered)?;
+        let positions = self.gathered.len() / vocab;
+        self.logits.resize(positions * vocab, 0.0);
+        interleave_vocab_shards(&self.gathered, vocab, self.tp(), &mut self.logits);
+        Ok(&self.logits)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        StepPlan::Stop.encode(&mut self.plan);
+        self.rank.comm.broadcast(&mut self.plan, 0)
+    }
+
+    /// Weight bytes held by each rank (gathered from all ranks).
+    pub fn weight_bytes_per_rank(&mut self) -> Result<Vec<usize>> {
+        StepPlan::ReportWeights.encode(&mut self.plan);
+        self.rank.comm.broadcast(&mut self.plan, 0)?;
+        gather_weight_bytes(self.rank)
+    }
+}
+
+fn gather_weight_bytes(rank: &mut Rank) -> Result<Vec<usize>> {
+    let mine = [rank.model.weight_bytes() as f32];
+    let mut all = vec![];
+    rank.comm.all_gather(&mine, &mut all)?;
+    Ok(all.iter().map(|&b| b as usize).collect())
+}
+
+/// The forward pass every rank runs for a step; the ranks' logits are gathered into
+/// `gathered`, rank-major: `[rank][position][vocab_local]`.
+fn execute_forward(
+    rank: &mut Rank,
+    tokens: &[u32],
+    start_pos: usize,
+    logits: Logits,
+    gathered: &mut Vec<f32>,
+) -> Result<()> {
+    let local = rank
+        .model
+        .forward(tokens, start_pos, &mut rank.kv, logits, &mut *rank.comm)?;
+    rank.comm.all_gather(local, gathered)
+}
+
+/// Turns rank-major `[rank][position][vocab_local]` into `[position][vocab]`.
+fn interleave_vocab_shards(gathered: &[f32], vocab: usize, tp: usize, out: &mut [f32]) {
+    let split = Partition::even(vocab, tp);
+    let positions = gathered.len() / vocab;
+    let mut at = 0;
+    for r in 0..tp {
+        let range = split.range(r);
+        let w = range.len();
+        for p in 0..positions {
+            out[p * vocab + range.start..p * vocab + range.end]
+                .copy_from_slice(&gathered[at + p * w..at + (p + 1) * w]);
+        }
+        at += positions * w;
+    }
+}
+
+/// The loop of ranks 1..tp: execute plans until rank 0 says stop.
+fn worker_loop(rank: &mut Rank) -> Result<()> {
+    let mut plan = Vec::new();
+    let mut tokens = Vec::new();
+    let mut gathered = Vec::new();
+    loop {
+        rank.comm.broadcast(&mut plan, 0)?;
+        match StepPlan::decode(&plan, &mut tokens)? {
+            StepPlan::Forward {
+                start_pos, logits, ..
+            } => {
+                execute_forward(rank, &tokens, start_pos, logits, &mut gathered)?;
+            }
+            StepPlan::ReportWeights => {
+                gather_weight_bytes(rank)?;
+            }
+            StepPlan::Stop => return Ok(()),
+        }
+    }
+}
+
+/// Starts `opts.tp` ranks as threads of this process, each loading its own shard of the
+/// model from `src`, and runs `drive` on rank 0. When any rank fails, the group is aborted
+/// and the first root-cause error is returned (naming the rank).
+pub fn run_local<T: Send>(
+    src: &dyn TensorSource,
+    cfg: &ModelConfig,
+    opts: &GroupOptions,
+    drive: impl FnOnce(&mut Driver) -> Result<T> + Send,
+) -> Result<T> {
+    validate_tp(cfg, opts.tp)?;
+    let threads_per_rank = opts.threads_per_rank();
+    let cores = affinity::assign_cores(opts.tp, threads_per_rank);
+    let comms = LocalGroup::create(opts.tp);
+    let mut drive = Some(drive);
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (rank_id, comm) in comms.into_iter().enumerate() {
+            let cores = cores[rank_id].clone();
+            let drive = if rank_id == 0 { drive.take() } else { None };
+            let handle = std::thread::Builder::new()
+                .name(format!("tpserve-rank-{rank_id}"))
+                .spawn_scoped(scope, move || {
+                    run_rank(
+                        src,
+                        cfg,
+                        opts,
+                        threads_per_rank,
+                        &cores,
+                        rank_id,
+                        comm,
+                        drive,
+                    )
+                })
+                .map_err(|e| anyhow!("cannot start rank {rank_id}'s thread: {e}"))?;
+            handles.push(handle);
+        }
+        let results: Vec<Result<Option<T>>> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("rank {r} panicked")))
+            })
+            .collect();
+        first_root_cause(results)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_rank<T>(
+    src: &dyn TensorSource,
+    cfg: &ModelConfig,
+    opts: &GroupOptions,
+    threads_per_rank: usize,
+    cores: &[usize],
+    rank_id: usize,
+    comm: impl Comm + 'static,
+    drive: Option<impl FnOnce(&mut Driver) -> Result<T>>,
+) -> Result<Option<T>> {
+    let abort = comm.abort_handle();
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<Option<T>> {
+        if let Some(&core) = cores.first() {
+            affinity::pin_to_core(core);
+        }
+        let mut comm: Box<dyn Comm> = Box::new(comm);
+        let threads = Threads::new(threads_per_rank, cores)?;
+        let model = Model::load(src, cfg, opts.tp, rank_id, threads)?;
+        let kv = model.new_kv_cache(opts.kv_capacity);
+        // Every rank has its shard before any plan flows.
+        comm.barrier()?;
+        let mut rank = Rank { model, kv, comm };
+        let Some(drive) = drive else {
+            worker_loop(&mut rank)?;
+            return Ok(None);
+        };
+        let mut driver = Driver {
+            rank: &mut rank,
+            plan: Vec::new(),
+            gathered: Vec::new(),
+            logits: Vec::new(),
+        };
+        let out = drive(&mut driver);
+        // Release the workers whether or not driving succeeded.
+        let stopped = driver.stop();
+        let out = out?;
+        stopped?;
+        Ok(Some(out))
+    }));
+    let result = result.unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(anyhow!("internal error (panic): {msg}"))
+    });
+    if let Err(e) = &result {
+        abort(&format!("{e:#}"));
+    }
+    result.map_err(|e| e.context(format!("rank {rank_id}")))
+}
+
+/// The first error that is not merely another rank reporting the abort.
+fn first_root_cause<T>(results: Vec<Result<Option<T>>>) -> Result<T> {
+    let mut first_err = None;
+    let mut value = None;
+    for r in results {
+        match r {
+            Ok(Some(v)) => value = Some(v),
+            Ok(None) => {}
+            Err(e) => {
+                let is_echo = format!("{e:#}").contains("tensor-parallel group aborted");
+                match &first_err {
+                    None => first_err = Some((e, is_echo)),
+                    Some((_, true)) if !is_echo => first_err = Some((e, false)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    match (first_err, value) {
+        (Some((e, _)), _) => Err(e),
+        (None, Some(v)) => Ok(v),
+        (None, None) => Err(anyhow!("rank 0 returned no result")),
+    }
+}

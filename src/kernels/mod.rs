@@ -1,0 +1,11 @@
+//! Numbers on plain slices: matrix products per weight format, norms, rotary embedding,
+//! softmax, activations. SIMD with run-time CPU-feature dispatch; each SIMD kernel has a
+//! scalar twin. Nothing here knows about tensor parallelism.
+
+pub mod dot;
+pub mod matrix;
+pub mod ops;
+pub mod threads;
+
+pub use matrix::{Matrix, Storage};
+pub use threads::Threads;

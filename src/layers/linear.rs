@@ -1,0 +1,194 @@
+//! Linear layers that know their split and the one collective that follows it
+//! (Megatron-LM / vLLM semantics), each with its weight loader.
+
+use crate::comm::Comm;
+use crate::kernels::{Matrix, Storage, Threads};
+use crate::loader::{ModelConfig, TensorSource};
+use crate::shard::HeadShard;
+use anyhow::{bail, Result};
+use std::ops::Range;
+
+/// Rows `rows` of the source linear `prefix` (`prefix.weight` has `out_features` rows).
+pub struct ColumnPart<'a> {
+    pub prefix: &'a str,
+    pub out_features: usize,
+    pub rows: Range<usize>,
+}
+
+/// `y = x · Wᵀ (+ b)` with W split by output rows: each rank computes its own slice of the
+/// outputs and no communication follows. Several source linears may be fused row-wise
+/// (q, k, v or gate, up) so that one pass over the input feeds them all.
+pub struct ColumnParallelLinear {
+    weight: Matrix,
+    bias: Option<Vec<f32>>,
+}
+
+impl ColumnParallelLinear {
+    pub fn load(
+        src: &dyn TensorSource,
+        parts: &[ColumnPart],
+        in_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let mut storage: Option<Storage> = None;
+        let mut rows = 0;
+        let mut biases = bias.then(Vec::new);
+        for part in parts {
+            let name = format!("{}.weight", part.prefix);
+            let m = src.load_matrix(
+                &name,
+                [part.out_features, in_features],
+                part.rows.clone(),
+                0..in_features,
+            )?;
+            rows += m.rows;
+            storage = Some(match storage {
+                None => m.storage,
+                Some(s) => s.concat(m.storage)?,
+            });
+            if let Some(b) = biases.as_mut() {
+                let name = format!("{}.bias", part.prefix);
+                b.extend(src.load_vector(&name, part.out_features, part.rows.clone())?);
+            }
+        }
+        let Some(storage) = storage else {
+            bail!("a column-parallel linear needs at least one part");
+        };
+        Ok(ColumnParallelLinear {
+            weight: Matrix::new(rows, in_features, storage),
+            bias: biases,
+        })
+    }
+
+    /// This rank's number of outputs.
+    pub fn out_features(&self) -> usize {
+        self.weight.rows
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+
+    pub fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32], threads: &Threads) {
+        self.weight.matmul(x, tokens, y, threads);
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_exact_mut(bias.len()).take(tokens) {
+                crate::kernels::ops::add_in_place(row, bias);
+            }
+        }
+    }
+}
+
+/// `y = x · Wᵀ` with W split by input columns: each rank holds the inputs it produced
+/// (its heads, its MLP neurons) and a partial sum of every output, which an all-reduce
+/// completes.
+pub struct RowParallelLinear {
+    weight: Matrix,
+}
+
+impl RowParallelLinear {
+    pub fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        out_features: usize,
+        in_features: usize,
+        cols: Range<usize>,
+    ) -> Result<Self> {
+        let name = format!("{prefix}.weight");
+        let weight = src.load_matrix(&name, [out_features, in_features], 0..out_features, cols)?;
+        Ok(RowParallelLinear { weight })
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.bytes()
+    }
+
+    /// Computes this rank's partial sum into `y` and all-reduces it.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        threads: &Threads,
+        comm: &mut dyn Comm,
+    ) -> Result<()> {
+        self.weight.matmul(x, tokens, y, threads);
+        comm.all_reduce_sum(&mut y[..tokens * self.weight.rows])
+    }
+}
+
+/// q, k and v fused: this rank's query heads and the kv heads they use.
+pub struct QkvParallelLinear {
+    pub linear: ColumnParallelLinear,
+    /// Width of this rank's q outputs (its q heads × head_dim).
+    pub q_width: usize,
+    /// Width of this rank's k outputs, and of its v outputs.
+    pub kv_width: usize,
+}
+
+impl QkvParallelLinear {
+    pub fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        cfg: &ModelConfig,
+        heads: &HeadShard,
+    ) -> Result<Self> {
+        let d = cfg.head_dim;
+        let q_rows = heads.q_heads.start * d..heads.q_heads.end * d;
+        let kv_rows = heads.kv_heads.start * d..heads.kv_heads.end * d;
+        let (q_prefix, k_prefix, v_prefix) = (
+            format!("{prefix}.q_proj"),
+            format!("{prefix}.k_proj"),
+            format!("{prefix}.v_proj"),
+        );
+        let parts = [
+            ColumnPart {
+                prefix: &q_prefix,
+                out_features: cfg.num_heads * d,
+                rows: q_rows.clone(),
+            },
+            ColumnPart {
+                prefix: &k_prefix,
+                out_features: cfg.num_kv_heads * d,
+                rows: kv_rows.clone(),
+            },
+            ColumnPart {
+                prefix: &v_prefix,
+                out_features: cfg.num_kv_heads * d,
+                rows: kv_rows.clone(),
+            },
+        ];
+        Ok(QkvParallelLinear {
+            linear: ColumnParallelLinear::load(src, &parts, cfg.hidden_size, cfg.qkv_bias)?,
+            q_width: q_rows.len(),
+            kv_width: kv_rows.len(),
+        })
+    }
+}
+
+/// gate and up fused: this rank's range of MLP neurons from both.
+pub struct MergedColumnParallelLinear {
+    pub linear: ColumnParallelLinear,
+    /// This rank's number of neurons (half the fused width).
+    pub width: usize,
+}
+
+impl MergedColumnParallelLinear {
+    pub fn load(
+        src: &dyn TensorSource,
+        prefixes: [&str; 2],
+        out_features: usize,
+        in_features: usize,
+        rows: Range<usize>,
+    ) -> Result<Self> {
+        let parts = prefixes.map(|prefix| ColumnPart {
+            prefix,
+            out_features,
+            rows: rows.clone(),
+        });
+        Ok(MergedColumnParallelLinear {
+            linear: ColumnParallelLinear::load(src, &parts, in_features, false)?,
+            width: rows.len(),
+        })
+    }
+}

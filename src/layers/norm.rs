@@ -1,0 +1,46 @@
+//! RMSNorm, replicated on every rank.
+
+use crate::kernels::ops;
+use crate::loader::TensorSource;
+use anyhow::Result;
+
+pub struct RmsNorm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(src: &dyn TensorSource, name: &str, len: usize, eps: f32) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: src.load_vector(name, len, 0..len)?,
+            eps,
+        })
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.len() * 4
+    }
+
+    pub fn len(&self) -> usize {
+        self.weight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.weight.is_empty()
+    }
+
+    /// Normalises each `len`-wide row of `x` into `out`.
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        let n = self.weight.len();
+        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            ops::rms_norm(xr, &self.weight, self.eps, or);
+        }
+    }
+
+    /// Normalises each `len`-wide row of `x` in place.
+    pub fn forward_in_place(&self, x: &mut [f32]) {
+        for row in x.chunks_exact_mut(self.weight.len()) {
+            ops::rms_norm_in_place(row, &self.weight, self.eps);
+        }
+    }
+}

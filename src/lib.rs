@@ -1,0 +1,15 @@
+//! tpserve: tensor-parallel LLM inference for CPUs and clusters.
+//!
+//! Layers, lowest first (arrows point down only): `comm` (the TP group), `kernels`
+//! (numbers on slices), `shard` (who owns what), `loader` (model files to shards),
+//! `layers` (parallel linear layers, embeddings, norms, rotary), `model` (architectures and
+//! KV cache), `engine` (rank runtime, sampling, generation), `cli`.
+
+pub mod cli;
+pub mod comm;
+pub mod engine;
+pub mod kernels;
+pub mod layers;
+pub mod loader;
+pub mod model;
+pub mod shard;

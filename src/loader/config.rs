@@ -1,0 +1,220 @@
+//! The model hyper-parameters tpserve needs, read from a Hugging Face `config.json`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// The decoder families tpserve runs; they differ only in small switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Architecture {
+    pub const SUPPORTED: &'static str =
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM";
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" => Some(Architecture::Llama),
+            "MistralForCausalLM" => Some(Architecture::Mistral),
+            "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
+            _ => None,
+        }
+    }
+}
+
+/// Llama 3 style frequency-dependent RoPE scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f32,
+    pub llama3: Option<Llama3Scaling>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope: RopeConfig,
+    pub tie_word_embeddings: bool,
+    /// Qwen2: biases on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// Qwen3: RMSNorm over each q and k head before the rotary embedding.
+    pub qk_norm: bool,
+    pub max_position_embeddings: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Reads `config.json` (and `generation_config.json` for extra end tokens) in `dir`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {}: a Hugging Face model folder needs a config.json",
+                path.display()
+            )
+        })?;
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let mut config =
+            Self::from_hf_json(&json).with_context(|| format!("in {}", path.display()))?;
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            if let Ok(gen) = serde_json::from_str::<Value>(&text) {
+                for id in token_ids(gen.get("eos_token_id")) {
+                    if !config.eos_token_ids.contains(&id) {
+                        config.eos_token_ids.push(id);
+                    }
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn from_hf_json(json: &Value) -> Result<Self> {
+        let names: Vec<&str> = json
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let architecture = names
+            .iter()
+            .find_map(|n| Architecture::from_hf_name(n))
+            .ok_or_else(|| {
+                anyhow!(
+                    "unsupported architecture {:?}: tpserve runs {}",
+                    names,
+                    Architecture::SUPPORTED
+                )
+            })?;
+        let usize_field = |key: &str| -> Result<usize> {
+            json.get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| anyhow!("config field `{key}` is missing or not a whole number"))
+        };
+        let hidden_size = usize_field("hidden_size")?;
+        let num_heads = usize_field("num_attention_heads")?;
+        let num_kv_heads = usize_field("num_key_value_heads").unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!("num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})");
+        }
+        let head_dim = match json.get("head_dim").and_then(Value::as_u64) {
+            Some(d) => d as usize,
+            None => hidden_size / num_heads,
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            bail!("head_dim {head_dim} must be even and positive for the rotary embedding");
+        }
+        let rope_params = json.get("rope_parameters").filter(|v| v.is_object());
+        let scaling = json
+            .get("rope_scaling")
+            .filter(|v| v.is_object())
+            .or(rope_params);
+        let theta = json
+            .get("rope_theta")
+            .and_then(Value::as_f64)
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
+            .unwrap_or(10000.0) as f32;
+        let llama3 = match scaling {
+            Some(s) => parse_rope_scaling(s)?,
+            None => None,
+        };
+        let eps = json
+            .get("rms_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-6) as f32;
+        Ok(ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: usize_field("intermediate_size")?,
+            num_layers: usize_field("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: usize_field("vocab_size")?,
+            rms_norm_eps: eps,
+            rope: RopeConfig { theta, llama3 },
+            tie_word_embeddings: json
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            qkv_bias: architecture == Architecture::Qwen2
+                || json.get("attention_bias").and_then(Value::as_bool) == Some(true),
+            qk_norm: architecture == Architecture::Qwen3,
+            max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(4096),
+            bos_token_id: token_ids(json.get("bos_token_id")).first().copied(),
+            eos_token_ids: token_ids(json.get("eos_token_id")),
+        })
+    }
+
+    /// Bytes of one token's keys and values over all layers, for `kv_heads` heads.
+    pub fn kv_bytes_per_token(&self, kv_heads: usize) -> usize {
+        2 * self.num_layers * kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+}
+
+fn parse_rope_scaling(s: &Value) -> Result<Option<Llama3Scaling>> {
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => {
+            let f = |k: &str| {
+                s.get(k)
+                    .and_then(Value::as_f64)
+                    .map(|v| v as f32)
+                    .ok_or_else(|| anyhow!("llama3 rope scaling needs `{k}`"))
+            };
+            Ok(Some(Llama3Scaling {
+                factor: f("factor")?,
+                low_freq_factor: f("low_freq_factor")?,
+                high_freq_factor: f("high_freq_factor")?,
+                original_max_position_embeddings: f("original_max_position_embeddings")?,
+            }))
+        }
+        other => {
+            bail!("unsupported rope scaling type `{other}`: tpserve supports default and llama3")
+        }
+    }
+}
+
+/// A token id field that may be a number, a list of numbers, or absent.
+fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|id| vec![id as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|id| id as u32)
+            .collect(),
+        _ => vec![],
+    }
+}

@@ -1,0 +1,377 @@
+//! The Llama family (Llama 2/3, Mistral, Qwen2 with qkv bias, Qwen3 with q/k norm, SmolLM)
+//! as one rank's shard: a forward pass that reads top to bottom.
+
+use super::kv_cache::KvCache;
+use crate::comm::Comm;
+use crate::kernels::threads::DisjointChunks;
+use crate::kernels::{dot, ops, Threads};
+use crate::layers::embedding::load_vocab_rows;
+use crate::layers::{
+    MergedColumnParallelLinear, ParallelLmHead, QkvParallelLinear, RmsNorm, Rotary,
+    RowParallelLinear, VocabParallelEmbedding,
+};
+use crate::loader::{ModelConfig, TensorSource};
+use crate::shard::{HeadShard, Partition};
+use anyhow::{bail, Result};
+use std::ops::Range;
+
+struct Layer {
+    input_norm: RmsNorm,
+    qkv: QkvParallelLinear,
+    /// Qwen3's per-head norms of q and k.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    o_proj: RowParallelLinear,
+    post_attention_norm: RmsNorm,
+    gate_up: MergedColumnParallelLinear,
+    down_proj: RowParallelLinear,
+}
+
+/// Which positions of a forward pass need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token (generation).
+    Last,
+    /// Every token (scoring, perplexity).
+    All,
+}
+
+/// How a model is split: this rank's place in a group of `tp`.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub heads: HeadShard,
+    pub mlp: Range<usize>,
+    pub vocab: Range<usize>,
+}
+
+impl ShardPlan {
+    pub fn new(cfg: &ModelConfig, tp: usize, rank: usize) -> Result<Self> {
+        Ok(ShardPlan {
+            heads: HeadShard::new(cfg.num_heads, cfg.num_kv_heads, tp, rank)?,
+            mlp: Partition::even(cfg.intermediate_size, tp).range(rank),
+            vocab: Partition::even(cfg.vocab_size, tp).range(rank),
+        })
+    }
+}
+
+pub struct Model {
+    cfg: ModelConfig,
+    plan: ShardPlan,
+    embed: VocabParallelEmbedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: ParallelLmHead,
+    rotary: Rotary,
+    threads: Threads,
+    scratch: Scratch,
+}
+
+/// Activation buffers, grown on demand and reused: steady-state decode allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    scores: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+fn grow(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+}
+
+impl Model {
+    /// Loads rank `rank`'s shard of a `tp`-way split.
+    pub fn load(
+        src: &dyn TensorSource,
+        cfg: &ModelConfig,
+        tp: usize,
+        rank: usize,
+        threads: Threads,
+    ) -> Result<Self> {
+        let plan = ShardPlan::new(cfg, tp, rank)?;
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let eps = cfg.rms_norm_eps;
+        let table = load_vocab_rows(
+            src,
+            "model.embed_tokens.weight",
+            cfg.vocab_size,
+            hidden,
+            plan.vocab.clone(),
+        )?;
+        let lm_head = if cfg.tie_word_embeddings {
+            ParallelLmHead::new(table.clone(), plan.vocab.clone(), true)
+        } else {
+            let w = load_vocab_rows(
+                src,
+                "lm_head.weight",
+                cfg.vocab_size,
+                hidden,
+                plan.vocab.clone(),
+            )?;
+            ParallelLmHead::new(w, plan.vocab.clone(), false)
+        };
+        let d = cfg.head_dim;
+        let heads = &plan.heads;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let attn = format!("{p}.self_attn");
+            let qk_norm = |which: &str| -> Result<Option<RmsNorm>> {
+                cfg.qk_norm
+                    .then(|| RmsNorm::load(src, &format!("{attn}.{which}.weight"), d, eps))
+                    .transpose()
+            };
+            layers.push(Layer {
+                input_norm: RmsNorm::load(
+                    src,
+                    &format!("{p}.input_layernorm.weight"),
+                    hidden,
+                    eps,
+                )?,
+                qkv: QkvParallelLinear::load(src, &attn, cfg, heads)?,
+                q_norm: qk_norm("q_norm")?,
+                k_norm: qk_norm("k_norm")?,
+                o_proj: RowParallelLinear::load(
+                    src,
+                    &format!("{attn}.o_proj"),
+                    hidden,
+                    cfg.num_heads * d,
+                    heads.q_heads.start * d..heads.q_heads.end * d,
+                )?,
+                post_attention_norm: RmsNorm::load(
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    hidden,
+                    eps,
+                )?,
+                gate_up: MergedColumnParallelLinear::load(
+                    src,
+                    [&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
+                    inter,
+                    hidden,
+                    plan.mlp.clone(),
+                )?,
+                down_proj: RowParallelLinear::load(
+                    src,
+                    &format!("{p}.mlp.down_proj"),
+                    hidden,
+                    inter,
+                    plan.mlp.clone(),
+                )?,
+            });
+        }
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed: VocabParallelEmbedding::new(table, plan.vocab.clone()),
+            norm: RmsNorm::load(src, "model.norm.weight", hidden, eps)?,
+            lm_head,
+            rotary: Rotary::new(d, &cfg.rope),
+            layers,
+            plan,
+            threads,
+            scratch: Scratch::default(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    /// Bytes of weights this rank holds (a tied table counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.input_norm.weight_bytes()
+                    + l.qkv.linear.weight_bytes()
+                    + l.q_norm.as_ref().map_or(0, RmsNorm::weight_bytes)
+                    + l.k_norm.as_ref().map_or(0, RmsNorm::weight_bytes)
+                    + l.o_proj.weight_bytes()
+                    + l.post_attention_norm.weight_bytes()
+                    + l.gate_up.linear.weight_bytes()
+                    + l.down_proj.weight_bytes()
+            })
+            .sum();
+        layers + self.embed.weight_bytes() + self.norm.weight_bytes() + self.lm_head.weight_bytes()
+    }
+
+    /// An empty KV cache for `capacity` positions of this rank's kv heads.
+    pub fn new_kv_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(
+            self.cfg.num_layers,
+            self.plan.heads.num_kv(),
+            self.cfg.head_dim,
+            capacity,
+        )
+    }
+
+    /// Runs `tokens` at positions `start_pos..` through the model, appending their keys and
+    /// values to `kv`. Returns this rank's logits (its vocab range) for the positions asked:
+    /// `[positions × vocab_local]`.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+        kv: &mut KvCache,
+        logits: Logits,
+        comm: &mut dyn Comm,
+    ) -> Result<&[f32]> {
+        let n = tokens.len();
+        if n == 0 {
+            bail!("a forward pass needs at least one token");
+        }
+        if start_pos + n > kv.capacity() {
+            bail!(
+                "{} positions exceed the KV cache capacity of {}",
+                start_pos + n,
+                kv.capacity()
+            );
+        }
+        let cfg = &self.cfg;
+        let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
+        let heads = &self.plan.heads;
+        let (nq, nkv) = (heads.num_q(), heads.num_kv());
+        let s = &mut self.scratch;
+        let qkv_width = nq * d + 2 * nkv * d;
+        let mlp_width = self.plan.mlp.len();
+        grow(&mut s.x, n * hidden);
+        grow(&mut s.h, n * hidden);
+        grow(&mut s.o, n * hidden);
+        grow(&mut s.qkv, n * qkv_width);
+        grow(&mut s.attn, n * nq * d);
+        grow(&mut s.gate_up, n * 2 * mlp_width);
+        grow(&mut s.act, n * mlp_width);
+        grow(&mut s.scores, n * nq * (start_pos + n));
+        grow(&mut s.cos, d / 2);
+        grow(&mut s.sin, d / 2);
+
+        self.embed.forward(tokens, &mut s.x, comm)?;
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention: norm, fused qkv, per-head norms and rotary, cache, attend, o_proj.
+            layer
+                .input_norm
+                .forward(&s.x[..n * hidden], &mut s.h[..n * hidden]);
+            layer.qkv.linear.forward(&s.h, n, &mut s.qkv, &self.threads);
+            for t in 0..n {
+                let pos = start_pos + t;
+                self.rotary.cos_sin(pos, &mut s.cos, &mut s.sin);
+                let row = &mut s.qkv[t * qkv_width..(t + 1) * qkv_width];
+                let (q, kvs) = row.split_at_mut(nq * d);
+                let (k, v) = kvs.split_at_mut(nkv * d);
+                if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                    qn.forward_in_place(q);
+                    kn.forward_in_place(k);
+                }
+                for head in q.chunks_exact_mut(d).chain(k.chunks_exact_mut(d)) {
+                    ops::rope_in_place(head, &s.cos, &s.sin);
+                }
+                kv.store(l, pos, k, v);
+            }
+            attend(
+                heads,
+                d,
+                &s.qkv,
+                qkv_width,
+                start_pos,
+                n,
+                kv.layer(l),
+                &mut s.scores,
+                &mut s.attn,
+                &self.threads,
+            );
+            layer
+                .o_proj
+                .forward(&s.attn, n, &mut s.o, &self.threads, comm)?;
+            ops::add_in_place(&mut s.x[..n * hidden], &s.o[..n * hidden]);
+
+            // MLP: norm, fused gate/up, SwiGLU, down_proj.
+            layer
+                .post_attention_norm
+                .forward(&s.x[..n * hidden], &mut s.h[..n * hidden]);
+            layer
+                .gate_up
+                .linear
+                .forward(&s.h, n, &mut s.gate_up, &self.threads);
+            for t in 0..n {
+                let gu = &s.gate_up[t * 2 * mlp_width..(t + 1) * 2 * mlp_width];
+                let (gate, up) = gu.split_at(mlp_width);
+                ops::silu_mul(gate, up, &mut s.act[t * mlp_width..(t + 1) * mlp_width]);
+            }
+            layer
+                .down_proj
+                .forward(&s.act, n, &mut s.o, &self.threads, comm)?;
+            ops::add_in_place(&mut s.x[..n * hidden], &s.o[..n * hidden]);
+        }
+
+        let rows = match logits {
+            Logits::Last => (n - 1)..n,
+            Logits::All => 0..n,
+        };
+        let m = rows.len();
+        self.norm.forward(
+            &s.x[rows.start * hidden..rows.end * hidden],
+            &mut s.h[..m * hidden],
+        );
+        let vocab_local = self.plan.vocab.len();
+        grow(&mut s.logits, m * vocab_local);
+        self.lm_head.forward(&s.h, m, &mut s.logits, &self.threads);
+        Ok(&s.logits[..m * vocab_local])
+    }
+}
+
+/// Causal attention of `n` new tokens over the cache, one (token, local q head) per unit.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    heads: &HeadShard,
+    d: usize,
+    qkv: &[f32],
+    qkv_width: usize,
+    start_pos: usize,
+    n: usize,
+    (keys, values): (&[f32], &[f32]),
+    scores: &mut [f32],
+    out: &mut [f32],
+    threads: &Threads,
+) {
+    let nq = heads.num_q();
+    let kv_row = heads.num_kv() * d;
+    let ctx = start_pos + n;
+    let scale = 1.0 / (d as f32).sqrt();
+    let dot = dot::dot_f32_fn();
+    let scores = DisjointChunks::new(&mut scores[..n * nq * ctx], ctx);
+    let out = DisjointChunks::new(&mut out[..n * nq * d], d);
+    threads.for_each_range(n * nq, |units| {
+        for u in units {
+            let (t, i) = (u / nq, u % nq);
+            let seen = start_pos + t + 1;
+            let q = &qkv[t * qkv_width + i * d..t * qkv_width + (i + 1) * d];
+            let kv_off = heads.local_kv_for(i) * d;
+            // SAFETY: unit u is handled by exactly one thread.
+            let (sc, o) = unsafe { (&mut scores.chunk(u)[..seen], out.chunk(u)) };
+            for (j, s) in sc.iter_mut().enumerate() {
+                let k = &keys[j * kv_row + kv_off..j * kv_row + kv_off + d];
+                *s = dot(q, k) * scale;
+            }
+            ops::softmax_in_place(sc);
+            o.fill(0.0);
+            for (j, &p) in sc.iter().enumerate() {
+                ops::axpy(o, p, &values[j * kv_row + kv_off..j * kv_row + kv_off + d]);
+            }
+        }
+    });
+}

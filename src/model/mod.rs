@@ -1,0 +1,7 @@
+//! Architectures built from the parallel layers, and the per-rank KV cache.
+
+pub mod kv_cache;
+pub mod llama;
+
+pub use kv_cache::KvCache;
+pub use llama::{Logits, Model, ShardPlan};

@@ -1,0 +1,64 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use serde::Deserialize;
+use std::path::PathBuf;
+use tpserve::engine::{self, Driver, GroupOptions};
+use tpserve::loader;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+#[derive(Deserialize)]
+pub struct Reference {
+    pub saved_dtype: String,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub input_ids: Vec<u32>,
+    pub last_logits: Vec<f32>,
+    pub topk_per_position: Vec<TopK>,
+    pub greedy_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+pub struct TopK {
+    pub pos: usize,
+    pub ids: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+pub fn reference(name: &str) -> Reference {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Loads `model` split `tp` ways and runs `f` on rank 0's driver.
+pub fn with_group<T: Send>(
+    model: &str,
+    tp: usize,
+    kv_capacity: usize,
+    f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
+) -> T {
+    let files = loader::open_model(&fixture(model)).unwrap();
+    let opts = GroupOptions {
+        tp,
+        threads_per_rank: Some(1),
+        kv_capacity,
+    };
+    engine::run_local(files.tensors.as_ref(), &files.config, &opts, f).unwrap()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

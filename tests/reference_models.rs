@@ -1,0 +1,177 @@
+//! Every fixture model at every tp in 1..=4 against the transformers reference, and tp = N
+//! against tp = 1.
+
+mod common;
+
+use common::*;
+use tpserve::engine::{self, GenerateRequest, SamplingParams};
+use tpserve::model::Logits;
+
+const MODELS: [&str; 8] = [
+    "tiny-llama",
+    "tiny-llama-sharded",
+    "tiny-llama3-bf16",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-mha-uneven",
+    "tiny-mistral-f16",
+    "tiny-smollm-tok",
+];
+
+struct Run {
+    last_logits: Vec<f32>,
+    all_logits: Vec<f32>,
+    greedy: Vec<u32>,
+}
+
+fn run_case(model: &str, tp: usize, case: &Case) -> Run {
+    let n = case.input_ids.len();
+    with_group(model, tp, n + 16, |driver| {
+        let all_logits = driver.forward(&case.input_ids, 0, Logits::All)?.to_vec();
+        let request = GenerateRequest {
+            input_ids: case.input_ids.clone(),
+            max_new_tokens: 16,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+            prompt_top: 0,
+        };
+        let last_logits = driver.forward(&case.input_ids, 0, Logits::Last)?.to_vec();
+        let greedy = engine::generate(driver, &request)?.output_ids;
+        Ok(Run {
+            last_logits,
+            all_logits,
+            greedy,
+        })
+    })
+}
+
+fn check_model(model: &str) {
+    let reference = reference(model);
+    let tol = if reference.saved_dtype == "float32" {
+        1e-4
+    } else {
+        1e-3
+    };
+    for case in &reference.cases {
+        let base = run_case(model, 1, case);
+        for tp in 1..=4 {
+            let run = if tp == 1 {
+                None
+            } else {
+                Some(run_case(model, tp, case))
+            };
+            let run = run.as_ref().unwrap_or(&base);
+            let what = format!("{model} case {} tp {tp}", case.name);
+            let diff = max_abs_diff(&run.last_logits, &case.last_logits);
+            assert!(diff <= tol, "{what}: last logits differ by {diff} > {tol}");
+            assert_eq!(run.greedy, case.greedy_ids, "{what}: greedy ids");
+            // Every position of the prefill: the reference's top-5 values at their ids.
+            let vocab = case.last_logits.len();
+            for top in &case.topk_per_position {
+                for (id, v) in top.ids.iter().zip(&top.values) {
+                    let got = run.all_logits[top.pos * vocab + *id as usize];
+                    assert!(
+                        (got - v).abs() <= tol,
+                        "{what}: position {} id {id}: {got} vs {v}",
+                        top.pos
+                    );
+                }
+            }
+            let vs_tp1 = max_abs_diff(&run.last_logits, &base.last_logits);
+            assert!(vs_tp1 <= 1e-5, "{what}: differs from tp 1 by {vs_tp1}");
+        }
+    }
+}
+
+#[test]
+fn tiny_llama() {
+    check_model("tiny-llama");
+}
+
+#[test]
+fn tiny_llama_sharded_equals_single_file() {
+    check_model("tiny-llama-sharded");
+    let case = &reference("tiny-llama").cases[0];
+    for tp in [1, 3] {
+        let single = run_case("tiny-llama", tp, case);
+        let sharded = run_case("tiny-llama-sharded", tp, case);
+        assert_eq!(single.all_logits, sharded.all_logits, "tp {tp}");
+    }
+}
+
+#[test]
+fn tiny_llama3_bf16_rope_scaling_tied() {
+    check_model("tiny-llama3-bf16");
+}
+
+#[test]
+fn tiny_qwen2_bias_and_replicated_kv() {
+    check_model("tiny-qwen2");
+}
+
+#[test]
+fn tiny_qwen3_qk_norm() {
+    check_model("tiny-qwen3");
+}
+
+#[test]
+fn tiny_mha_uneven_heads() {
+    check_model("tiny-mha-uneven");
+}
+
+#[test]
+fn tiny_mistral_f16() {
+    check_model("tiny-mistral-f16");
+}
+
+#[test]
+fn tiny_smollm_large_vocab() {
+    check_model("tiny-smollm-tok");
+}
+
+#[test]
+fn every_fixture_is_covered() {
+    let mut dirs: Vec<String> = std::fs::read_dir(fixture(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    dirs.sort();
+    let mut listed: Vec<String> = MODELS.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(dirs, listed);
+}
+
+/// Each rank holds its share of the weights: the shards add up to the model (replicated
+/// norms and kv heads aside) and none holds much more than total / tp.
+#[test]
+fn ranks_hold_their_share_of_the_weights() {
+    for model in [
+        "tiny-llama",
+        "tiny-mha-uneven",
+        "tiny-qwen2",
+        "tiny-llama3-bf16",
+    ] {
+        let total = with_group(model, 1, 1, |d| d.weight_bytes_per_rank())[0];
+        for tp in 2..=4 {
+            let per_rank = with_group(model, tp, 1, |d| d.weight_bytes_per_rank());
+            assert_eq!(per_rank.len(), tp);
+            let sum: usize = per_rank.iter().sum();
+            // Replicated parts: norms on every rank, kv heads shared by a straddling group.
+            assert!(
+                sum >= total,
+                "{model} tp {tp}: shards sum to {sum} < {total}"
+            );
+            assert!(
+                (sum as f64) < total as f64 * 1.3,
+                "{model} tp {tp}: shards sum to {sum}, far above the model's {total}"
+            );
+            for (r, &b) in per_rank.iter().enumerate() {
+                let share = total as f64 / tp as f64;
+                assert!(
+                    (b as f64) < share * 1.35,
+                    "{model} tp {tp}: rank {r} holds {b} bytes, share is {share:.0}"
+                );
+            }
+        }
+    }
+}
