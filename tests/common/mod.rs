@@ -46,10 +46,21 @@ pub fn with_group<T: Send>(
     kv_capacity: usize,
     f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
 ) -> T {
+    with_group_threads(model, tp, 1, kv_capacity, f)
+}
+
+/// As [`with_group`], with `threads` kernel threads per rank.
+pub fn with_group_threads<T: Send>(
+    model: &str,
+    tp: usize,
+    threads: usize,
+    kv_capacity: usize,
+    f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
+) -> T {
     let files = loader::open_model(&fixture(model)).unwrap();
     let opts = GroupOptions {
         tp,
-        threads_per_rank: Some(1),
+        threads_per_rank: Some(threads),
         kv_capacity,
     };
     engine::run_local(files.tensors.as_ref(), &files.config, &opts, f).unwrap()
