@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A Hugging Face model folder (config.json + safetensors).
+    /// A GGUF file, or a Hugging Face model folder (config.json + safetensors).
     #[arg(long, alias = "model-path")]
     pub model: PathBuf,
     /// Tensor-parallel size: the number of ranks the model is split over.
@@ -55,18 +55,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let files = loader::open_model(&args.model)?;
     let cfg = &files.config;
     engine::runtime::validate_tp(cfg, args.tp)?;
-    let tokenizer = files
-        .tokenizer_json
-        .as_deref()
-        .map(Tokenizer::from_file)
-        .transpose()?;
+    let tokenizer = files.tokenizer.as_ref().map(Tokenizer::new).transpose()?;
     let input_ids = match (&args.input_ids, &args.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => tokenizer
             .as_ref()
             .ok_or_else(|| {
                 anyhow!(
-                    "--prompt needs a tokenizer, and {} has no tokenizer.json; pass --input-ids instead",
+                    "--prompt needs a tokenizer, and {} has none (no tokenizer.json); pass --input-ids instead",
                     args.model.display()
                 )
             })?
@@ -100,9 +96,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         engine::generate(driver, &request)
     })
     .context("generation failed")?;
+    // The text leaves out the token that ended generation (an end-of-turn marker).
+    let shown = match generation.finish_reason {
+        engine::FinishReason::Stop => &generation.output_ids[..generation.output_ids.len() - 1],
+        engine::FinishReason::Length => &generation.output_ids[..],
+    };
     let text = tokenizer
         .as_ref()
-        .map(|t| t.decode(&generation.output_ids))
+        .map(|t| t.decode(shown, false))
         .transpose()?;
     if args.json {
         let mut obj = json!({

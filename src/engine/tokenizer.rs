@@ -1,33 +1,112 @@
-//! Text to token ids and back, through the `tokenizers` crate.
+//! Text to token ids and back, through the `tokenizers` crate: from a Hugging Face
+//! tokenizer.json, or rebuilt from a GGUF file's tokenizer metadata.
 
-use anyhow::{anyhow, Result};
+use crate::loader::gguf::GgufTokenizer;
+use crate::loader::TokenizerSpec;
+use anyhow::{anyhow, bail, Result};
 use std::path::Path;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Prepended by us, not by the tokenizer (GGUF's add_bos_token).
+    bos: Option<u32>,
 }
 
 impl Tokenizer {
+    pub fn new(spec: &TokenizerSpec) -> Result<Self> {
+        match spec {
+            TokenizerSpec::Json(path) => Self::from_file(path),
+            TokenizerSpec::Gguf(t) => Self::from_gguf(t),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-        Ok(Tokenizer { inner })
+        Ok(Tokenizer { inner, bos: None })
     }
 
-    /// Ids of `text`, with the special tokens the tokenizer's post-processor adds (as
-    /// transformers' `tokenizer(text)` does).
+    /// Byte-level BPE ("gpt2" in llama.cpp's terms) from the vocabulary and merges.
+    pub fn from_gguf(t: &GgufTokenizer) -> Result<Self> {
+        if t.model != "gpt2" {
+            bail!(
+                "GGUF tokenizer model `{}` is not supported yet (tpserve reads byte-level BPE, \"gpt2\")",
+                t.model
+            );
+        }
+        let vocab: tokenizers::models::bpe::Vocab = t
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.clone(), i as u32))
+            .collect();
+        let merges = t
+            .merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| {
+                        anyhow!("BPE merge {m:?} is not two tokens separated by a space")
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow!("cannot build the BPE model: {e}"))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre: PreTokenizerWrapper = match t.pre.as_deref() {
+            // SmolLM splits digits one by one before GPT-2's byte-level split.
+            Some("smollm") => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            _ => byte_level.into(),
+        };
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control and user-defined tokens (<|im_start|> …) match as whole tokens in text.
+        let special: Vec<AddedToken> = t
+            .tokens
+            .iter()
+            .zip(&t.token_types)
+            .filter(|(_, &ty)| ty == 3 || ty == 4)
+            .map(|(s, _)| AddedToken::from(s.clone(), true))
+            .collect();
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| anyhow!("cannot register the special tokens: {e}"))?;
+        Ok(Tokenizer {
+            inner,
+            bos: t.bos_id.filter(|_| t.add_bos),
+        })
+    }
+
+    /// Ids of `text`, with the special tokens the tokenizer adds (as transformers'
+    /// `tokenizer(text)` does, or llama.cpp's add_bos_token).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, true)
             .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self
+            .bos
+            .into_iter()
+            .chain(enc.get_ids().iter().copied())
+            .collect())
     }
 
-    /// Text of `ids`, special tokens left out.
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+    /// Text of `ids`; special tokens (<|im_end|> …) are written out unless skipped.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
-            .decode(ids, true)
+            .decode(ids, skip_special)
             .map_err(|e| anyhow!("cannot decode token ids: {e}"))
     }
 }

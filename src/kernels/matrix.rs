@@ -1,6 +1,7 @@
 //! A weight matrix in its stored format and the product `y = x · Wᵀ` over a batch of tokens.
 
 use super::dot::{dot_bf16_fn, dot_f16_fn, dot_f32_fn, DotFn};
+use super::quant::QuantType;
 use super::threads::{DisjointChunks, Threads};
 use half::{bf16, f16};
 
@@ -11,6 +12,8 @@ pub enum Storage {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    /// GGUF blocks, row after row; every row is a whole number of blocks.
+    Quant(QuantType, Vec<u8>),
 }
 
 impl Storage {
@@ -19,6 +22,7 @@ impl Storage {
             Storage::F32(v) => v.len(),
             Storage::BF16(v) => v.len(),
             Storage::F16(v) => v.len(),
+            Storage::Quant(t, v) => v.len() / t.block_bytes() * t.block_elems(),
         }
     }
 
@@ -31,6 +35,7 @@ impl Storage {
             Storage::F32(v) => v.len() * 4,
             Storage::BF16(v) => v.len() * 2,
             Storage::F16(v) => v.len() * 2,
+            Storage::Quant(_, v) => v.len(),
         }
     }
 
@@ -48,6 +53,10 @@ impl Storage {
             (Storage::F16(mut a), Storage::F16(b)) => {
                 a.extend(b);
                 Storage::F16(a)
+            }
+            (Storage::Quant(t, mut a), Storage::Quant(u, b)) if t == u => {
+                a.extend(b);
+                Storage::Quant(t, a)
             }
             _ => anyhow::bail!("cannot fuse weights stored in different formats"),
         })
@@ -67,6 +76,14 @@ impl Storage {
                 for (o, w) in out.iter_mut().zip(&v[start..end]) {
                     *o = w.to_f32();
                 }
+            }
+            Storage::Quant(t, v) => {
+                let n = t.block_elems();
+                assert!(
+                    start.is_multiple_of(n) && end.is_multiple_of(n),
+                    "quantized reads are whole blocks"
+                );
+                t.dequantize(&v[t.bytes_for(start)..t.bytes_for(end)], out);
             }
         }
     }
@@ -111,7 +128,42 @@ impl Matrix {
             Storage::F32(w) => self.matmul_with(w, dot_f32_fn(), x, tokens, y, threads),
             Storage::BF16(w) => self.matmul_with(w, dot_bf16_fn(), x, tokens, y, threads),
             Storage::F16(w) => self.matmul_with(w, dot_f16_fn(), x, tokens, y, threads),
+            Storage::Quant(t, w) => self.matmul_quant(*t, w, x, tokens, y, threads),
         }
+    }
+
+    /// Each row is dequantized once into a per-thread buffer, then multiplied with every
+    /// token by the f32 kernel.
+    fn matmul_quant(
+        &self,
+        ty: QuantType,
+        w: &[u8],
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        threads: &Threads,
+    ) {
+        thread_local! {
+            static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        let row_bytes = ty.bytes_for(cols);
+        let dot = dot_f32_fn();
+        let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
+        threads.for_each_range(rows, |range| {
+            ROW.with_borrow_mut(|row| {
+                row.resize(cols, 0.0);
+                for j in range {
+                    ty.dequantize(&w[j * row_bytes..(j + 1) * row_bytes], row);
+                    for t in 0..tokens {
+                        // SAFETY: as in `matmul_with`: row j belongs to one range.
+                        unsafe {
+                            out.chunk(t * rows + j)[0] = dot(row, &x[t * cols..(t + 1) * cols])
+                        };
+                    }
+                }
+            })
+        });
     }
 
     fn matmul_with<W: Sync>(

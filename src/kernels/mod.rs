@@ -5,7 +5,9 @@
 pub mod dot;
 pub mod matrix;
 pub mod ops;
+pub mod quant;
 pub mod threads;
 
 pub use matrix::{Matrix, Storage};
+pub use quant::QuantType;
 pub use threads::Threads;

@@ -5,6 +5,7 @@
 //! materialises the whole model.
 
 pub mod config;
+pub mod gguf;
 pub mod safetensors;
 
 pub use config::{Architecture, ModelConfig};
@@ -21,6 +22,12 @@ pub trait TensorSource: Send + Sync {
 
     /// `rows × cols` of a 2-D tensor, in its stored format.
     fn read_block(&self, name: &str, rows: Range<usize>, cols: Range<usize>) -> Result<Storage>;
+
+    /// Elements per quantization block along a row (1 for plain formats): splits along a
+    /// weight's input dimension must fall on multiples of it.
+    fn block_size(&self, _name: &str) -> usize {
+        1
+    }
 
     /// Whether the tensor exists.
     fn contains(&self, name: &str) -> bool {
@@ -68,24 +75,60 @@ pub trait TensorSource: Send + Sync {
     }
 }
 
+/// Checks a slice request against a tensor of `shape` (1-D tensors read as one row);
+/// returns the tensor's (rows, cols).
+fn check_slice(
+    name: &str,
+    shape: &[usize],
+    rows: &Range<usize>,
+    cols: &Range<usize>,
+) -> Result<(usize, usize)> {
+    let (n_rows, n_cols) = match shape {
+        [n] => (1, *n),
+        [r, c] => (*r, *c),
+        other => bail!(
+            "tensor `{name}` has {} dimensions; expected 1 or 2",
+            other.len()
+        ),
+    };
+    if rows.end > n_rows || cols.end > n_cols || rows.start > rows.end || cols.start > cols.end {
+        bail!("slice {rows:?} × {cols:?} is outside tensor `{name}` of shape {shape:?}");
+    }
+    Ok((n_rows, n_cols))
+}
+
+/// Where a model's tokenizer comes from.
+pub enum TokenizerSpec {
+    /// A Hugging Face `tokenizer.json`.
+    Json(PathBuf),
+    /// The `tokenizer.ggml.*` metadata of a GGUF file.
+    Gguf(gguf::GgufTokenizer),
+}
+
 /// What a model path resolves to.
 pub struct ModelFiles {
     pub config: ModelConfig,
     pub tensors: Box<dyn TensorSource>,
-    /// `tokenizer.json` next to the weights, if any.
-    pub tokenizer_json: Option<PathBuf>,
+    pub tokenizer: Option<TokenizerSpec>,
 }
 
-/// Opens a Hugging Face model folder.
+/// Opens a Hugging Face model folder or a GGUF file.
 pub fn open_model(path: &Path) -> Result<ModelFiles> {
     if !path.exists() {
         bail!("model path {} does not exist", path.display());
     }
-    if !path.is_dir() {
-        bail!(
-            "model path {} is not a Hugging Face model folder (config.json + safetensors)",
-            path.display()
-        );
+    if path.is_file() {
+        let file = gguf::GgufFile::open(path)?;
+        let config = file
+            .config()
+            .with_context(|| format!("in {}", path.display()))?;
+        let tokenizer = gguf::GgufTokenizer::from_metadata(&file)
+            .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
+        return Ok(ModelFiles {
+            tensors: Box::new(gguf::GgufSource::new(file, &config)),
+            config,
+            tokenizer: tokenizer.map(TokenizerSpec::Gguf),
+        });
     }
     let config = ModelConfig::from_hf_dir(path)?;
     let tensors = safetensors::SafetensorsSource::open(path)?;
@@ -93,6 +136,6 @@ pub fn open_model(path: &Path) -> Result<ModelFiles> {
     Ok(ModelFiles {
         config,
         tensors: Box::new(tensors),
-        tokenizer_json: tokenizer.exists().then_some(tokenizer),
+        tokenizer: tokenizer.exists().then_some(TokenizerSpec::Json(tokenizer)),
     })
 }

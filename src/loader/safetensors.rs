@@ -110,21 +110,7 @@ impl TensorSource for SafetensorsSource {
             .get(name)
             .ok_or_else(|| anyhow!("the model file has no tensor `{name}`"))?;
         // A 1-D tensor reads as one row.
-        let (n_rows, n_cols) = match t.shape.as_slice() {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            other => bail!(
-                "tensor `{name}` has {} dimensions; expected 1 or 2",
-                other.len()
-            ),
-        };
-        if rows.end > n_rows || cols.end > n_cols || rows.start > rows.end || cols.start > cols.end
-        {
-            bail!(
-                "slice {rows:?} × {cols:?} is outside tensor `{name}` of shape {:?}",
-                t.shape
-            );
-        }
+        let (_, n_cols) = super::check_slice(name, &t.shape, &rows, &cols)?;
         let elem = t.dtype.bitsize() / 8;
         let map = &self.maps[t.file];
         let mut bytes = Vec::with_capacity(rows.len() * cols.len() * elem);

@@ -45,10 +45,29 @@ pub struct ShardPlan {
 }
 
 impl ShardPlan {
-    pub fn new(cfg: &ModelConfig, tp: usize, rank: usize) -> Result<Self> {
+    /// Rank `rank`'s part of a `tp`-way split. Splits along a weight's input dimension
+    /// (o_proj by heads, down_proj by neurons) fall on the weight's quantization blocks.
+    pub fn new(cfg: &ModelConfig, src: &dyn TensorSource, tp: usize, rank: usize) -> Result<Self> {
+        let heads = HeadShard::new(cfg.num_heads, cfg.num_kv_heads, tp, rank)?;
+        let o_proj = "model.layers.0.self_attn.o_proj.weight";
+        let o_block = src.block_size(o_proj);
+        for r in 0..tp {
+            let start = HeadShard::new(cfg.num_heads, cfg.num_kv_heads, tp, r)?
+                .q_heads
+                .start;
+            if !(start * cfg.head_dim).is_multiple_of(o_block) {
+                bail!(
+                    "cannot split {o_proj} over {tp} ranks: rank {r}'s heads start at column {}, \
+                     not on its {o_block}-element quantization blocks; choose another --tp",
+                    start * cfg.head_dim
+                );
+            }
+        }
+        let down = "model.layers.0.mlp.down_proj.weight";
+        let mlp = Partition::aligned(cfg.intermediate_size, tp, src.block_size(down), down)?;
         Ok(ShardPlan {
-            heads: HeadShard::new(cfg.num_heads, cfg.num_kv_heads, tp, rank)?,
-            mlp: Partition::even(cfg.intermediate_size, tp).range(rank),
+            heads,
+            mlp: mlp.range(rank),
             vocab: Partition::even(cfg.vocab_size, tp).range(rank),
         })
     }
@@ -97,7 +116,7 @@ impl Model {
         rank: usize,
         threads: Threads,
     ) -> Result<Self> {
-        let plan = ShardPlan::new(cfg, tp, rank)?;
+        let plan = ShardPlan::new(cfg, src, tp, rank)?;
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let eps = cfg.rms_norm_eps;
         let table = load_vocab_rows(

@@ -1,0 +1,630 @@
+//! GGUF files (llama.cpp's format, versions 2 and 3) over mmap.
+//!
+//! Every length and offset in the file is checked against the file before use: a truncated
+//! or lying file is an error naming what is wrong, never a panic or an out-of-bounds read.
+//! Tensors are exposed under the Hugging Face names the model code asks for, in PyTorch
+//! dimension order (GGUF lists dimensions innermost first).
+
+use super::config::{Architecture, ModelConfig, RopeConfig};
+use super::TensorSource;
+use crate::kernels::{QuantType, Storage};
+use anyhow::{anyhow, bail, Context, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::Path;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Element formats of GGUF tensors that tpserve reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorType {
+    F32,
+    F16,
+    BF16,
+    Quant(QuantType),
+}
+
+impl TensorType {
+    fn from_ggml(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => TensorType::F32,
+            1 => TensorType::F16,
+            2 => TensorType::Quant(QuantType::Q4_0),
+            3 => TensorType::Quant(QuantType::Q4_1),
+            8 => TensorType::Quant(QuantType::Q8_0),
+            12 => TensorType::Quant(QuantType::Q4K),
+            14 => TensorType::Quant(QuantType::Q6K),
+            30 => TensorType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements, bytes) of one block.
+    fn block(self) -> (usize, usize) {
+        match self {
+            TensorType::F32 => (1, 4),
+            TensorType::F16 | TensorType::BF16 => (1, 2),
+            TensorType::Quant(q) => (q.block_elems(), q.block_bytes()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub ty: TensorType,
+    /// PyTorch order: `[rows, cols]` for a matrix.
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the data in the file.
+    start: usize,
+}
+
+pub struct GgufFile {
+    map: Mmap,
+    pub version: u32,
+    pub metadata: HashMap<String, Value>,
+    pub tensors: HashMap<String, TensorInfo>,
+}
+
+/// A bounds-checked cursor over the file's bytes.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                anyhow!(
+                    "the file ends inside {what} (at byte {}, needs {n} more of {}): truncated or corrupted",
+                    self.pos,
+                    self.bytes.len()
+                )
+            })?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        Ok(self.take(N, what)?.try_into().expect("length checked"))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A count that must be plausible: each counted item needs at least `min_bytes`.
+    fn count(&mut self, min_bytes: usize, what: &str) -> Result<usize> {
+        let n = self.u64(what)?;
+        let left = (self.bytes.len() - self.pos) as u64;
+        if n.saturating_mul(min_bytes as u64) > left {
+            bail!(
+                "{what} claims {n} entries, more than the {left} bytes left in the file could hold"
+            );
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.count(1, what)?;
+        let raw = self.take(n, what)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| anyhow!("{what} is not valid UTF-8"))
+    }
+
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.array::<1>(key)?[0]),
+            1 => Value::I8(self.array::<1>(key)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array(key)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(key)?)),
+            4 => Value::U32(self.u32(key)?),
+            5 => Value::I32(i32::from_le_bytes(self.array(key)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
+            7 => match self.array::<1>(key)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => bail!("metadata `{key}` has the invalid boolean byte {b}"),
+            },
+            8 => Value::String(self.string(key)?),
+            9 => {
+                if depth > 2 {
+                    bail!("metadata `{key}` nests arrays too deeply");
+                }
+                let elem = self.u32(key)?;
+                let n = self.count(1, key)?;
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    items.push(self.value(elem, key, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(key)?),
+            11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
+            t => bail!("metadata `{key}` has unknown value type {t}"),
+        })
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the file is only read; tpserve does not modify model files while serving.
+        let map = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        Self::parse(map).with_context(|| format!("{} is not a valid GGUF file", path.display()))
+    }
+
+    /// Parses a file already in memory (as the fuzz tests do); `open` maps one from disk.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1))?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        let map = map.make_read_only()?;
+        Self::parse_bytes(map, bytes.len())
+    }
+
+    fn parse(map: Mmap) -> Result<Self> {
+        let len = map.len();
+        Self::parse_bytes(map, len)
+    }
+
+    /// Parses the first `len` bytes of `map`.
+    fn parse_bytes(map: Mmap, len: usize) -> Result<Self> {
+        let mut c = Cursor {
+            bytes: &map[..len],
+            pos: 0,
+        };
+        let magic = c.take(4, "the magic number")?;
+        if magic != b"GGUF" {
+            bail!("wrong magic number {magic:?} (expected \"GGUF\")");
+        }
+        let version = c.u32("the version")?;
+        if !(2..=3).contains(&version) {
+            bail!("GGUF version {version} is not supported (tpserve reads versions 2 and 3)");
+        }
+        let n_tensors = c.count(24, "the tensor count")?;
+        let n_kv = c.count(12, "the metadata count")?;
+        let mut metadata = HashMap::new();
+        for _ in 0..n_kv {
+            let key = c.string("a metadata key")?;
+            let ty = c.u32(&key)?;
+            let value = c.value(ty, &key, 0)?;
+            metadata.insert(key, value);
+        }
+        let mut infos = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = c.string("a tensor name")?;
+            let n_dims = c.u32(&name)? as usize;
+            if n_dims == 0 || n_dims > 4 {
+                bail!("tensor `{name}` has {n_dims} dimensions (1 to 4 allowed)");
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                dims.push(c.u64(&name)? as usize);
+            }
+            let type_id = c.u32(&name)?;
+            let offset = c.u64(&name)? as usize;
+            infos.push((name, dims, type_id, offset));
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
+                _ => bail!("general.alignment {v:?} is not a power of two"),
+            },
+        };
+        let data_start = c.pos.div_ceil(alignment) * alignment;
+        let mut tensors = HashMap::new();
+        for (name, dims, type_id, offset) in infos {
+            let ty = TensorType::from_ggml(type_id).ok_or_else(|| {
+                anyhow!(
+                    "tensor `{name}` has quant type {type_id}, which tpserve does not read \
+                     (it reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K); re-quantize the model to one of these"
+                )
+            })?;
+            let (block_elems, block_bytes) = ty.block();
+            if dims[0] % block_elems != 0 {
+                bail!("tensor `{name}`: row length {} is not a multiple of its block size {block_elems}", dims[0]);
+            }
+            let size = dims
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .and_then(|elems| (elems / block_elems).checked_mul(block_bytes))
+                .ok_or_else(|| anyhow!("tensor `{name}` has dimensions {dims:?} that overflow"))?;
+            let start = data_start
+                .checked_add(offset)
+                .filter(|s| s.checked_add(size).is_some_and(|end| end <= len))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "tensor `{name}` ({size} bytes at offset {offset}) lies beyond the end of the file \
+                         ({len} bytes): truncated or corrupted"
+                    )
+                })?;
+            let shape = dims.into_iter().rev().collect();
+            tensors.insert(name, TensorInfo { ty, shape, start });
+        }
+        Ok(GgufFile {
+            map,
+            version,
+            metadata,
+            tensors,
+        })
+    }
+
+    /// Row `row` of tensor `name` (GGUF name and row order), dequantized.
+    pub fn dequantize_row(&self, name: &str, row: usize) -> Result<Vec<f32>> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("no tensor `{name}`"))?;
+        let cols = *t.shape.last().expect("tensors have at least one dimension");
+        let rows = t.shape.iter().rev().skip(1).product::<usize>();
+        if row >= rows {
+            bail!("tensor `{name}` has {rows} rows, not {}", row + 1);
+        }
+        let (block_elems, block_bytes) = t.ty.block();
+        let row_bytes = cols / block_elems * block_bytes;
+        let at = t.start + row * row_bytes;
+        let bytes = &self.map[at..at + row_bytes];
+        let mut out = vec![0.0; cols];
+        match t.ty {
+            TensorType::F32 => out.copy_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(bytes)),
+            TensorType::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            TensorType::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            TensorType::Quant(q) => q.dequantize(bytes, &mut out),
+        }
+        Ok(out)
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// The model configuration from `{arch}.*` metadata.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch_name = self
+            .meta("general.architecture")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("metadata general.architecture is missing"))?;
+        let architecture = match arch_name {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
+            other => bail!(
+                "unsupported GGUF architecture `{other}`: tpserve runs llama, qwen2 and qwen3"
+            ),
+        };
+        let num = |key: &str| -> Result<usize> {
+            self.meta(&format!("{arch_name}.{key}"))
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| anyhow!("metadata {arch_name}.{key} is missing or not a number"))
+        };
+        let float = |key: &str, default: f64| {
+            self.meta(&format!("{arch_name}.{key}"))
+                .and_then(Value::as_f64)
+                .unwrap_or(default) as f32
+        };
+        let hidden_size = num("embedding_length")?;
+        let num_heads = num("attention.head_count")?;
+        let num_kv_heads = num("attention.head_count_kv").unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!("head_count ({num_heads}) must be a positive multiple of head_count_kv ({num_kv_heads})");
+        }
+        let head_dim = num("attention.key_length").unwrap_or(hidden_size / num_heads);
+        let embed = self
+            .tensors
+            .get("token_embd.weight")
+            .ok_or_else(|| anyhow!("the file has no tensor token_embd.weight"))?;
+        let vocab_size = embed.shape[0];
+        let token_id = |key: &str| {
+            self.meta(&format!("tokenizer.ggml.{key}"))
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
+        let mut eos_token_ids: Vec<u32> = vec![];
+        for key in ["eos_token_id", "eot_token_id"] {
+            if let Some(id) = token_id(key) {
+                if !eos_token_ids.contains(&id) {
+                    eos_token_ids.push(id);
+                }
+            }
+        }
+        Ok(ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: num("feed_forward_length")?,
+            num_layers: num("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+            rope: RopeConfig {
+                theta: float("rope.freq_base", 10000.0),
+                llama3: None,
+            },
+            tie_word_embeddings: !self.tensors.contains_key("output.weight"),
+            qkv_bias: self.tensors.contains_key("blk.0.attn_q.bias"),
+            qk_norm: self.tensors.contains_key("blk.0.attn_q_norm.weight"),
+            max_position_embeddings: num("context_length").unwrap_or(4096),
+            bos_token_id: token_id("bos_token_id"),
+            eos_token_ids,
+        })
+    }
+}
+
+/// The GGUF name of a Hugging Face tensor name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_owned());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+/// A GGUF file as a [`TensorSource`] under Hugging Face names.
+pub struct GgufSource {
+    file: GgufFile,
+    /// llama.cpp stores llama's q and k rows permuted for its interleaved rotary; tpserve's
+    /// rotary pairs element i with i + d/2 (as transformers does), so those rows are read
+    /// back in Hugging Face order. `Some(head_dim)` when this applies.
+    unpermute_qk: Option<usize>,
+}
+
+impl GgufSource {
+    pub fn new(file: GgufFile, cfg: &ModelConfig) -> Self {
+        let unpermute_qk = (cfg.architecture == Architecture::Llama).then_some(cfg.head_dim);
+        GgufSource { file, unpermute_qk }
+    }
+
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    fn info(&self, hf: &str) -> Option<(&TensorInfo, String)> {
+        let name = gguf_name(hf)?;
+        self.file.tensors.get(&name).map(|t| (t, name))
+    }
+
+    /// The file row holding Hugging Face row `r` of tensor `gguf`.
+    fn source_row(&self, gguf: &str, r: usize) -> usize {
+        let permuted = gguf.ends_with("attn_q.weight") || gguf.ends_with("attn_k.weight");
+        match self.unpermute_qk {
+            Some(d) if permuted => {
+                let (head, within) = (r / d, r % d);
+                let half = d / 2;
+                head * d + 2 * (within % half) + within / half
+            }
+            _ => r,
+        }
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.info(name).map(|(t, _)| t.shape.clone())
+    }
+
+    fn block_size(&self, name: &str) -> usize {
+        self.info(name).map_or(1, |(t, _)| t.ty.block().0)
+    }
+
+    fn read_block(&self, name: &str, rows: Range<usize>, cols: Range<usize>) -> Result<Storage> {
+        let (t, gguf) = self
+            .info(name)
+            .ok_or_else(|| anyhow!("the model file has no tensor for `{name}`"))?;
+        let (_, n_cols) = super::check_slice(&gguf, &t.shape, &rows, &cols)?;
+        let (block_elems, block_bytes) = t.ty.block();
+        if !cols.start.is_multiple_of(block_elems) || !cols.len().is_multiple_of(block_elems) {
+            bail!(
+                "tensor `{gguf}` ({:?}) cannot be split at columns {cols:?}: splits must fall on its \
+                 {block_elems}-element blocks; use a tp size that divides it on block boundaries",
+                t.ty
+            );
+        }
+        let row_bytes = n_cols / block_elems * block_bytes;
+        let (col_start, col_len) = (
+            cols.start / block_elems * block_bytes,
+            cols.len() / block_elems * block_bytes,
+        );
+        let mut bytes = Vec::with_capacity(rows.len() * col_len);
+        for r in rows {
+            let at = t.start + self.source_row(&gguf, r) * row_bytes + col_start;
+            bytes.extend_from_slice(&self.file.map[at..at + col_len]);
+        }
+        Ok(match t.ty {
+            TensorType::F32 => Storage::F32(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes)),
+            TensorType::F16 => Storage::F16(bytemuck::pod_collect_to_vec::<u8, f16>(&bytes)),
+            TensorType::BF16 => Storage::BF16(bytemuck::pod_collect_to_vec::<u8, bf16>(&bytes)),
+            TensorType::Quant(q) => Storage::Quant(q, bytes),
+        })
+    }
+}
+
+/// The `tokenizer.ggml.*` metadata: enough to rebuild the model's tokenizer.
+#[derive(Debug, Clone)]
+pub struct GgufTokenizer {
+    /// `tokenizer.ggml.model`: "gpt2" is byte-level BPE.
+    pub model: String,
+    /// `tokenizer.ggml.pre`: the pre-tokenizer variant (e.g. "smollm").
+    pub pre: Option<String>,
+    pub tokens: Vec<String>,
+    /// llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    pub token_types: Vec<i32>,
+    pub merges: Vec<String>,
+    pub bos_id: Option<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+impl GgufTokenizer {
+    /// `None` when the file carries no tokenizer.
+    pub fn from_metadata(file: &GgufFile) -> Result<Option<Self>> {
+        let Some(model) = file.meta("tokenizer.ggml.model").and_then(Value::as_str) else {
+            return Ok(None);
+        };
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match file.meta(key) {
+                None => Ok(vec![]),
+                Some(v) => v
+                    .as_array()
+                    .ok_or_else(|| anyhow!("metadata {key} is not an array"))?
+                    .iter()
+                    .map(|s| {
+                        s.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| anyhow!("metadata {key} holds a non-string"))
+                    })
+                    .collect(),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        if tokens.is_empty() {
+            bail!("metadata tokenizer.ggml.tokens is missing or empty");
+        }
+        let token_types = match file.meta("tokenizer.ggml.token_type") {
+            None => vec![1; tokens.len()],
+            Some(v) => v
+                .as_array()
+                .ok_or_else(|| anyhow!("tokenizer.ggml.token_type is not an array"))?
+                .iter()
+                .map(|t| match *t {
+                    Value::I32(x) => x,
+                    ref other => other.as_u64().map_or(1, |x| x as i32),
+                })
+                .collect(),
+        };
+        if token_types.len() != tokens.len() {
+            bail!(
+                "tokenizer.ggml.token_type has {} entries but there are {} tokens",
+                token_types.len(),
+                tokens.len()
+            );
+        }
+        Ok(Some(GgufTokenizer {
+            model: model.to_owned(),
+            pre: file
+                .meta("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            merges: strings("tokenizer.ggml.merges")?,
+            bos_id: file
+                .meta("tokenizer.ggml.bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|v| v as u32),
+            add_bos: file
+                .meta("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            chat_template: file
+                .meta("tokenizer.chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            tokens,
+            token_types,
+        }))
+    }
+}
