@@ -1,7 +1,9 @@
 //! `tpserve generate`: one prompt, one continuation, optionally as JSON.
 
-use crate::engine::{self, GenerateRequest, GroupOptions, SamplingParams, Tokenizer};
-use crate::loader;
+use crate::engine::{
+    self, ChatMessage, ChatTemplate, GenerateRequest, GroupOptions, SamplingParams, Tokenizer,
+};
+use crate::loader::{self, ChatTemplateSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::json;
@@ -18,9 +20,16 @@ pub struct GenerateArgs {
     /// Prompt as comma-separated token ids, e.g. 12,345,67.
     #[arg(long, conflicts_with = "prompt", value_delimiter = ',')]
     pub input_ids: Option<Vec<u32>>,
-    /// Prompt as text (needs a tokenizer.json in the model folder).
-    #[arg(long)]
+    /// Prompt as text (needs the model's tokenizer).
+    #[arg(long, conflicts_with = "chat")]
     pub prompt: Option<String>,
+    /// A user message, formatted with the model's chat template; generation stops at the
+    /// end of the assistant's turn.
+    #[arg(long, conflicts_with = "input_ids")]
+    pub chat: Option<String>,
+    /// A Jinja chat template file to use instead of the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: usize,
     /// 0 means greedy decoding.
@@ -56,19 +65,30 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let cfg = &files.config;
     engine::runtime::validate_tp(cfg, args.tp)?;
     let tokenizer = files.tokenizer.as_ref().map(Tokenizer::new).transpose()?;
-    let input_ids = match (&args.input_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => tokenizer
-            .as_ref()
-            .ok_or_else(|| {
-                anyhow!(
-                    "--prompt needs a tokenizer, and {} has none (no tokenizer.json); pass --input-ids instead",
-                    args.model.display()
-                )
-            })?
-            .encode(text)?,
-        (None, None) => bail!("give the prompt with --input-ids 1,2,3 or --prompt \"text\""),
+    let need_tokenizer = |flag: &str| {
+        tokenizer.as_ref().ok_or_else(|| {
+            anyhow!(
+                "{flag} needs a tokenizer, and {} has none (no tokenizer.json); pass --input-ids instead",
+                args.model.display()
+            )
+        })
     };
+    let input_ids = match (&args.input_ids, &args.prompt, &args.chat) {
+        (Some(ids), _, _) => ids.clone(),
+        (None, Some(text), _) => need_tokenizer("--prompt")?.encode(text)?,
+        (None, None, Some(message)) => {
+            let template = chat_template(&args, files.chat_template.as_ref())?;
+            let text = template.render(&[ChatMessage::user(message)], true)?;
+            need_tokenizer("--chat")?.encode_chat(&text)?
+        }
+        (None, None, None) => {
+            bail!("give the prompt with --input-ids 1,2,3, --prompt \"text\" or --chat \"message\"")
+        }
+    };
+    let mut stop_ids = cfg.eos_token_ids.clone();
+    if let Some(t) = &tokenizer {
+        stop_ids.extend(t.end_of_turn_ids());
+    }
     let request = GenerateRequest {
         input_ids,
         max_new_tokens: args.max_new_tokens,
@@ -78,11 +98,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             top_p: args.top_p,
             seed: args.seed,
         },
-        stop_ids: if args.ignore_eos {
-            vec![]
-        } else {
-            cfg.eos_token_ids.clone()
-        },
+        stop_ids: if args.ignore_eos { vec![] } else { stop_ids },
         prompt_top: 10,
     };
     let capacity = request.input_ids.len() + request.max_new_tokens;
@@ -138,4 +154,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The template of `--chat-template`, else the model's own.
+fn chat_template(args: &GenerateArgs, model: Option<&ChatTemplateSpec>) -> Result<ChatTemplate> {
+    let (bos, eos) = model.map_or(("", ""), |m| (&m.bos_token[..], &m.eos_token[..]));
+    match (&args.chat_template, model) {
+        (Some(path), _) => {
+            let source = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the chat template {}", path.display()))?;
+            ChatTemplate::new(&source, bos, eos)
+        }
+        (None, Some(m)) => ChatTemplate::new(&m.source, bos, eos),
+        (None, None) => bail!(
+            "{} has no chat template; pass one with --chat-template FILE, or use --prompt",
+            args.model.display()
+        ),
+    }
 }

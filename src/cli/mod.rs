@@ -1,6 +1,7 @@
 //! Command-line front end: parse, call the library, print. Thin on purpose.
 
 mod generate;
+mod perplexity;
 
 use clap::{Parser, Subcommand};
 
@@ -19,11 +20,14 @@ pub struct Cli {
 pub enum Command {
     /// Generate a continuation of one prompt (token ids or text).
     Generate(generate::GenerateArgs),
+    /// Perplexity of a text file (llama.cpp's method: windows of --ctx, second half scored).
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
     }
 }

@@ -1,12 +1,15 @@
 //! The rank runtime, step plans, sampling, tokenizer and generation.
 
 pub mod affinity;
+pub mod chat;
 pub mod generate;
+pub mod perplexity;
 pub mod plan;
 pub mod runtime;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use generate::{generate, FinishReason, GenerateRequest, Generation};
 pub use runtime::{run_local, Driver, GroupOptions};
 pub use sampling::SamplingParams;

@@ -103,6 +103,45 @@ impl Tokenizer {
             .collect())
     }
 
+    /// Ids of `text` without any special tokens added (scoring a text).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("cannot tokenize the text: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The BOS token the model asks to be prepended, if any.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Ids of a rendered chat prompt: the template writes the special tokens itself, so
+    /// none are added, except a BOS the model asks for that the template left out.
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("cannot tokenize the chat prompt: {e}"))?;
+        let ids = enc.get_ids();
+        let bos = self.bos.filter(|b| ids.first() != Some(b));
+        Ok(bos.into_iter().chain(ids.iter().copied()).collect())
+    }
+
+    /// The id of a token given by its text, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Tokens that end a turn in common chat formats and are in this vocabulary.
+    pub fn end_of_turn_ids(&self) -> Vec<u32> {
+        ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| self.token_id(t))
+            .collect()
+    }
+
     /// Text of `ids`; special tokens (<|im_end|> …) are written out unless skipped.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner

@@ -105,11 +105,20 @@ pub enum TokenizerSpec {
     Gguf(gguf::GgufTokenizer),
 }
 
+/// A chat template's Jinja source and the special-token strings templates refer to.
+#[derive(Debug, Clone)]
+pub struct ChatTemplateSpec {
+    pub source: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
 /// What a model path resolves to.
 pub struct ModelFiles {
     pub config: ModelConfig,
     pub tensors: Box<dyn TensorSource>,
     pub tokenizer: Option<TokenizerSpec>,
+    pub chat_template: Option<ChatTemplateSpec>,
 }
 
 /// Opens a Hugging Face model folder or a GGUF file.
@@ -124,10 +133,21 @@ pub fn open_model(path: &Path) -> Result<ModelFiles> {
             .with_context(|| format!("in {}", path.display()))?;
         let tokenizer = gguf::GgufTokenizer::from_metadata(&file)
             .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
+        let chat_template = tokenizer.as_ref().and_then(|t| {
+            let token = |id: Option<u32>| {
+                id.and_then(|i| t.tokens.get(i as usize)).cloned().unwrap_or_default()
+            };
+            Some(ChatTemplateSpec {
+                source: t.chat_template.clone()?,
+                bos_token: token(t.bos_id),
+                eos_token: token(config.eos_token_ids.first().copied()),
+            })
+        });
         return Ok(ModelFiles {
             tensors: Box::new(gguf::GgufSource::new(file, &config)),
             config,
             tokenizer: tokenizer.map(TokenizerSpec::Gguf),
+            chat_template,
         });
     }
     let config = ModelConfig::from_hf_dir(path)?;
@@ -137,5 +157,46 @@ pub fn open_model(path: &Path) -> Result<ModelFiles> {
         config,
         tensors: Box::new(tensors),
         tokenizer: tokenizer.exists().then_some(TokenizerSpec::Json(tokenizer)),
+        chat_template: hf_chat_template(path)?,
     })
+}
+
+/// The chat template of a Hugging Face folder: `chat_template.jinja`, or the
+/// `chat_template` of `tokenizer_config.json` (a string, or a list of named templates of
+/// which "default" is used).
+fn hf_chat_template(dir: &Path) -> Result<Option<ChatTemplateSpec>> {
+    let config_path = dir.join("tokenizer_config.json");
+    let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", config_path.display()))?,
+        Err(_) => serde_json::Value::Null,
+    };
+    let jinja = dir.join("chat_template.jinja");
+    let source = if jinja.exists() {
+        Some(
+            std::fs::read_to_string(&jinja)
+                .with_context(|| format!("cannot read {}", jinja.display()))?,
+        )
+    } else {
+        match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
+            _ => None,
+        }
+    };
+    // A special token is written as a string or as {"content": string}.
+    let token = |key: &str| {
+        let v = config.get(key);
+        v.and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    Ok(source.map(|source| ChatTemplateSpec {
+        source,
+        bos_token: token("bos_token"),
+        eos_token: token("eos_token"),
+    }))
 }

@@ -1,0 +1,77 @@
+//! `tpserve perplexity`: llama.cpp's perplexity measurement on a text file.
+
+use crate::engine::{self, GroupOptions, Tokenizer};
+use crate::loader;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// A GGUF file, or a Hugging Face model folder.
+    #[arg(long, alias = "model-path")]
+    pub model: PathBuf,
+    /// The text to score.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Tokens per window; the second half of each is scored.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    #[arg(long, visible_aliases = ["tensor-parallel-size", "tp-size"], default_value_t = 1)]
+    pub tp: usize,
+    #[arg(long)]
+    pub threads_per_rank: Option<usize>,
+    /// Print {"ppl", "tokens", "windows"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let files = loader::open_model(&args.model)?;
+    let spec = files.tokenizer.as_ref().ok_or_else(|| {
+        anyhow!("{} has no tokenizer; perplexity needs one", args.model.display())
+    })?;
+    let tokenizer = Tokenizer::new(spec)?;
+    let tokens = tokenizer.encode_plain(&text)?;
+    if args.ctx > files.config.max_position_embeddings {
+        bail!(
+            "--ctx {} is longer than the model's context of {}",
+            args.ctx,
+            files.config.max_position_embeddings
+        );
+    }
+    let opts = GroupOptions {
+        tp: args.tp,
+        threads_per_rank: args.threads_per_rank,
+        kv_capacity: args.ctx,
+    };
+    let bos = tokenizer.bos_id();
+    let quiet = args.json;
+    let result = engine::run_local(files.tensors.as_ref(), &files.config, &opts, |driver| {
+        engine::perplexity::perplexity(driver, &tokens, args.ctx, bos, |done, total, ppl| {
+            if !quiet {
+                eprint!("\rwindow {done}/{total}: ppl {ppl:.4}");
+                let _ = std::io::stderr().flush();
+            }
+        })
+    })?;
+    if !quiet {
+        eprintln!();
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows})
+        );
+    } else {
+        println!(
+            "perplexity {:.4} over {} tokens in {} windows of {}",
+            result.ppl, result.tokens, result.windows, args.ctx
+        );
+    }
+    Ok(())
+}
