@@ -3,15 +3,8 @@
 mod common;
 
 use serde::Deserialize;
-use std::path::PathBuf;
 use tpserve::engine::{ChatMessage, ChatTemplate, Tokenizer};
 use tpserve::loader;
-
-fn smollm2() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model first", p.display());
-    p
-}
 
 #[derive(Deserialize)]
 struct Reference {
@@ -30,19 +23,30 @@ fn template_and_tokenizer(path: &std::path::Path) -> (ChatTemplate, Tokenizer) {
     let files = loader::open_model(path).unwrap();
     let spec = files.chat_template.expect("the model has a chat template");
     let template = ChatTemplate::new(&spec.source, &spec.bos_token, &spec.eos_token).unwrap();
-    (template, Tokenizer::new(files.tokenizer.as_ref().unwrap()).unwrap())
+    (
+        template,
+        Tokenizer::new(files.tokenizer.as_ref().unwrap()).unwrap(),
+    )
 }
 
 #[test]
 fn gguf_chat_template_renders_the_reference_prompt() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2/reference.json");
-    let reference: Reference = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let (template, tokenizer) = template_and_tokenizer(&smollm2());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/smollm2/reference.json");
+    let reference: Reference =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (template, tokenizer) = template_and_tokenizer(&common::smollm2());
     let text = template
-        .render(&reference.chat.messages, reference.chat.add_generation_prompt)
+        .render(
+            &reference.chat.messages,
+            reference.chat.add_generation_prompt,
+        )
         .unwrap();
     assert_eq!(text, reference.chat.prompt_text);
-    assert_eq!(tokenizer.encode_chat(&text).unwrap(), reference.chat.input_ids);
+    assert_eq!(
+        tokenizer.encode_chat(&text).unwrap(),
+        reference.chat.input_ids
+    );
 }
 
 #[test]
@@ -59,19 +63,30 @@ fn hugging_face_folder_chat_template() {
 /// (504) and "L" (60), the same reply at tp 1, 2 and 3, ending at the end of the turn.
 #[test]
 fn generate_chat_on_smollm2_at_every_tp() {
-    let model = smollm2();
+    let model = common::smollm2();
     let mut replies = vec![];
     for tp in ["1", "2", "3"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tpserve"))
-            .args(["generate", "--model", model.to_str().unwrap(), "--tp", tp, "--json"])
-            .args(["--chat", "What is the capital of France?", "--temperature", "0"])
-            .args(["--max-new-tokens", "48"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = common::tpserve_json(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--tp",
+            tp,
+            "--json",
+            "--chat",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "48",
+        ]);
         assert_eq!(v["input_ids"].as_array().unwrap().len(), 37);
-        let ids: Vec<u64> = v["output_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        let ids: Vec<u64> = v["output_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
         assert!(ids[0] == 504 || ids[0] == 60, "first token {}", ids[0]);
         match v["finish_reason"].as_str().unwrap() {
             "stop" => assert_eq!(*ids.last().unwrap(), 2, "stops at <|im_end|>"),
@@ -86,11 +101,18 @@ fn generate_chat_on_smollm2_at_every_tp() {
 #[test]
 fn a_model_without_a_chat_template_says_how_to_proceed() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tpserve"))
-        .args(["generate", "--model", common::fixture("tiny-llama").to_str().unwrap()])
+        .args([
+            "generate",
+            "--model",
+            common::fixture("tiny-llama").to_str().unwrap(),
+        ])
         .args(["--chat", "hi"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("chat template") && err.contains("--chat-template"), "{err}");
+    assert!(
+        err.contains("chat template") && err.contains("--chat-template"),
+        "{err}"
+    );
 }

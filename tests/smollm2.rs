@@ -9,14 +9,7 @@ use tpserve::engine::{self, GenerateRequest, GroupOptions, SamplingParams, Token
 use tpserve::loader::{self, gguf::GgufFile};
 
 fn model_path() -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-model first",
-        p.display()
-    );
-    p
+    common::smollm2()
 }
 
 fn fixture_json<T: for<'de> Deserialize<'de>>(name: &str) -> T {
@@ -179,5 +172,50 @@ fn the_capital_of_france_from_the_command_line() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(text.starts_with(" Paris."), "tp {tp}: {text:?}");
+    }
+}
+
+/// llama.cpp's perplexity method on a text every machine has, within 1% of its figure.
+#[test]
+fn perplexity_matches_llama_cpp_at_tp_1_and_3() {
+    #[derive(Deserialize)]
+    struct Ppl {
+        file: String,
+        ctx: usize,
+        llama_cpp_ppl: f64,
+    }
+    #[derive(Deserialize)]
+    struct Reference {
+        perplexity: Vec<Ppl>,
+    }
+    let reference: Reference = fixture_json("reference.json");
+    let case = &reference.perplexity[0];
+    assert!(
+        std::path::Path::new(&case.file).exists(),
+        "{} is missing",
+        case.file
+    );
+    let model = model_path();
+    for tp in ["1", "3"] {
+        let ctx = case.ctx.to_string();
+        let v = common::tpserve_json(&[
+            "perplexity",
+            "--model",
+            model.to_str().unwrap(),
+            "--tp",
+            tp,
+            "--json",
+            "--file",
+            &case.file,
+            "--ctx",
+            &ctx,
+        ]);
+        let ppl = v["ppl"].as_f64().unwrap();
+        let rel = (ppl - case.llama_cpp_ppl).abs() / case.llama_cpp_ppl;
+        assert!(
+            rel < 0.01,
+            "tp {tp}: perplexity {ppl} vs llama.cpp {}",
+            case.llama_cpp_ppl
+        );
     }
 }

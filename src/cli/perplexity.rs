@@ -33,7 +33,10 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let files = loader::open_model(&args.model)?;
     let spec = files.tokenizer.as_ref().ok_or_else(|| {
-        anyhow!("{} has no tokenizer; perplexity needs one", args.model.display())
+        anyhow!(
+            "{} has no tokenizer; perplexity needs one",
+            args.model.display()
+        )
     })?;
     let tokenizer = Tokenizer::new(spec)?;
     let tokens = tokenizer.encode_plain(&text)?;

@@ -69,16 +69,17 @@ struct Slot {
 }
 
 impl Slot {
-    fn write_f32<'t>(&mut self, parts: impl Iterator<Item = &'t [f32]> + Clone) {
+    fn write<'t, T: Element>(&mut self, parts: impl Iterator<Item = &'t [T]> + Clone) {
         let total: usize = parts.clone().map(|p| p.len()).sum();
-        self.reserve_bytes(total * 4);
+        let size = std::mem::size_of::<T>();
+        self.reserve_bytes(total * size);
         let mut at = 0;
-        let dst: &mut [f32] = bytemuck::cast_slice_mut(&mut self.words);
+        let dst: &mut [T] = &mut bytemuck::cast_slice_mut(&mut self.words)[..];
         for part in parts {
             dst[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }
-        self.len_bytes = total * 4;
+        self.len_bytes = total * size;
     }
 
     fn write_bytes(&mut self, data: &[u8]) {
@@ -95,8 +96,8 @@ impl Slot {
         }
     }
 
-    fn f32s(&self) -> &[f32] {
-        &bytemuck::cast_slice(&self.words)[..self.len_bytes / 4]
+    fn elems<T: Element>(&self) -> &[T] {
+        &bytemuck::cast_slice(&self.words)[..self.len_bytes / std::mem::size_of::<T>()]
     }
 
     fn bytes(&self) -> &[u8] {
@@ -123,7 +124,7 @@ pub struct LocalComm {
     /// The barrier generation a begun all-reduce waits on, and its length.
     pending: Option<(u64, usize)>,
     /// This rank's chunk of a reduce-scatter, summed before it is published.
-    scratch: Vec<f32>,
+    scratch: Vec<u64>,
 }
 
 impl LocalComm {
@@ -153,23 +154,24 @@ impl LocalComm {
         (len * rank / n)..(len * (rank + 1) / n)
     }
 
-    /// After every rank published `len` floats: makes `sum(logical[offset..])` readable by
+    /// After every rank published `len` elements: makes their sums readable by
     /// [`Self::read_sum`]. Returns whether the reduce-scatter layout is in use.
-    fn reduce(&mut self, len: usize) -> Result<bool> {
+    fn reduce<T: Element>(&mut self, len: usize) -> Result<bool> {
         let n = self.shared.size;
         if n < 3 || len < REDUCE_SCATTER_MIN_LEN {
             return Ok(false);
         }
         let mine = self.chunk(len, self.rank);
         let slots = &self.shared.slots;
-        let acc = &mut self.scratch;
-        acc.clear();
-        acc.resize(mine.len(), 0.0);
+        let words = (mine.len() * std::mem::size_of::<T>()).div_ceil(8);
+        self.scratch.clear();
+        self.scratch.resize(words, 0);
+        let acc: &mut [T] = &mut bytemuck::cast_slice_mut(&mut self.scratch)[..mine.len()];
         // SAFETY: in this phase every rank only reads other ranks' slots, each its own
         // chunk; writing our chunk back waits until all our reads are done.
         unsafe {
             for (r, slot) in slots.iter().enumerate() {
-                let src = (*slot[self.parity].get()).words.as_ptr() as *const f32;
+                let src = (*slot[self.parity].get()).words.as_ptr() as *const T;
                 let src = std::slice::from_raw_parts(src.add(mine.start), mine.len());
                 if r == 0 {
                     acc.copy_from_slice(src);
@@ -179,7 +181,7 @@ impl LocalComm {
                     }
                 }
             }
-            let own = (*slots[self.rank][self.parity].get()).words.as_mut_ptr() as *mut f32;
+            let own = (*slots[self.rank][self.parity].get()).words.as_mut_ptr() as *mut T;
             std::ptr::copy_nonoverlapping(acc.as_ptr(), own.add(mine.start), mine.len());
         }
         self.sync()?;
@@ -187,12 +189,15 @@ impl LocalComm {
     }
 
     /// Writes the reduced values of `[offset, offset + out.len())` into `out`.
-    fn read_sum(&self, scattered: bool, len: usize, offset: usize, out: &mut [f32]) {
+    fn read_sum<T: Element>(&self, scattered: bool, len: usize, offset: usize, out: &mut [T]) {
         if !scattered {
             let range = offset..offset + out.len();
-            out.copy_from_slice(&self.slot(0).f32s()[range.clone()]);
+            out.copy_from_slice(&self.slot(0).elems::<T>()[range.clone()]);
             for r in 1..self.shared.size {
-                for (o, s) in out.iter_mut().zip(&self.slot(r).f32s()[range.clone()]) {
+                for (o, s) in out
+                    .iter_mut()
+                    .zip(&self.slot(r).elems::<T>()[range.clone()])
+                {
                     *o += *s;
                 }
             }
@@ -205,14 +210,29 @@ impl LocalComm {
             if lo < hi {
                 // SAFETY: after the reduce-scatter barrier, chunks are only read.
                 let owner = unsafe {
-                    let p = (*self.shared.slots[r][self.parity].get()).words.as_ptr() as *const f32;
+                    let p = (*self.shared.slots[r][self.parity].get()).words.as_ptr() as *const T;
                     std::slice::from_raw_parts(p.add(lo), hi - lo)
                 };
                 out[lo - offset..hi - offset].copy_from_slice(owner);
             }
         }
     }
+
+    /// A whole all-reduce of one tensor.
+    fn all_reduce<T: Element>(&mut self, data: &mut [T]) -> Result<()> {
+        self.own_slot().write(std::iter::once(&*data));
+        self.sync()?;
+        let scattered = self.reduce::<T>(data.len())?;
+        self.read_sum(scattered, data.len(), 0, data);
+        self.finish_op();
+        Ok(())
+    }
 }
+
+/// Element types the backend sums: added in rank order, so every rank gets the same bits.
+trait Element: bytemuck::Pod + std::ops::AddAssign {}
+impl Element for f32 {}
+impl Element for i64 {}
 
 impl Comm for LocalComm {
     fn rank(&self) -> usize {
@@ -223,13 +243,17 @@ impl Comm for LocalComm {
         self.shared.size
     }
 
+    fn all_reduce_sum_i64(&mut self, data: &mut [i64]) -> Result<()> {
+        self.all_reduce(data)
+    }
+
     fn all_reduce_many(&mut self, tensors: &mut [&mut [f32]]) -> Result<()> {
         let len: usize = tensors.iter().map(|t| t.len()).sum();
         // SAFETY: as in `own_slot`; the tensors are only read here.
         let own = unsafe { &mut *self.shared.slots[self.rank][self.parity].get() };
-        own.write_f32(tensors.iter().map(|t| &**t));
+        own.write(tensors.iter().map(|t| &**t));
         self.sync()?;
-        let scattered = self.reduce(len)?;
+        let scattered = self.reduce::<f32>(len)?;
         let mut offset = 0;
         for t in tensors.iter_mut() {
             self.read_sum(scattered, len, offset, t);
@@ -240,11 +264,11 @@ impl Comm for LocalComm {
     }
 
     fn all_gather(&mut self, local: &[f32], out: &mut Vec<f32>) -> Result<()> {
-        self.own_slot().write_f32(std::iter::once(local));
+        self.own_slot().write(std::iter::once(local));
         self.sync()?;
         out.clear();
         for r in 0..self.shared.size {
-            out.extend_from_slice(self.slot(r).f32s());
+            out.extend_from_slice(self.slot(r).elems::<f32>());
         }
         self.finish_op();
         Ok(())
@@ -277,7 +301,7 @@ impl Comm for LocalComm {
         if self.pending.is_some() {
             bail!("an all-reduce is already in flight on rank {}", self.rank);
         }
-        self.own_slot().write_f32(std::iter::once(data));
+        self.own_slot().write(std::iter::once(data));
         let generation = self.shared.barrier.arrive();
         self.pending = Some((generation, data.len()));
         Ok(())
@@ -297,7 +321,7 @@ impl Comm for LocalComm {
             );
         }
         self.shared.barrier.wait(generation)?;
-        let scattered = self.reduce(len)?;
+        let scattered = self.reduce::<f32>(len)?;
         self.read_sum(scattered, len, 0, data);
         self.finish_op();
         Ok(())

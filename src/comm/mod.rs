@@ -24,6 +24,10 @@ pub trait Comm: Send {
         self.end_all_reduce(data)
     }
 
+    /// Element-wise sum of 64-bit integers (fixed-point values): exact, so the result does
+    /// not depend on how the terms were split over ranks.
+    fn all_reduce_sum_i64(&mut self, data: &mut [i64]) -> Result<()>;
+
     /// Sums several tensors in one exchange: one synchronisation instead of one per tensor.
     fn all_reduce_many(&mut self, tensors: &mut [&mut [f32]]) -> Result<()>;
 

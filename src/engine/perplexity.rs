@@ -35,7 +35,10 @@ pub fn perplexity(
         );
     }
     if ctx > driver.kv_capacity() {
-        bail!("--ctx {ctx} exceeds the KV capacity of {}", driver.kv_capacity());
+        bail!(
+            "--ctx {ctx} exceeds the KV capacity of {}",
+            driver.kv_capacity()
+        );
     }
     let vocab = driver.config().vocab_size;
     let windows = tokens.len() / ctx;
@@ -48,9 +51,9 @@ pub fn perplexity(
         if let Some(b) = bos {
             window[0] = b;
         }
-        let logits = driver.forward(&window, 0, Logits::All)?;
+        let logits = driver.forward(&window, 0, Logits::From(first))?;
         for pos in first..ctx - 1 {
-            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            let row = &logits[(pos - first) * vocab..(pos - first + 1) * vocab];
             let target = tokens[w * ctx + pos + 1] as usize;
             nll += log_sum_exp(row) - row[target] as f64;
             count += 1;
@@ -66,7 +69,11 @@ pub fn perplexity(
 
 fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+    max + row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
 }
 
 #[cfg(test)]

@@ -32,7 +32,12 @@ impl StepPlan<'_> {
                 logits,
             } => {
                 out.push(FORWARD);
-                out.push(matches!(logits, Logits::All) as u8);
+                let first_logit = match logits {
+                    Logits::Last => u64::MAX,
+                    Logits::All => 0,
+                    Logits::From(k) => k as u64,
+                };
+                out.extend_from_slice(&first_logit.to_le_bytes());
                 out.extend_from_slice(&(start_pos as u64).to_le_bytes());
                 for t in tokens {
                     out.extend_from_slice(&t.to_le_bytes());
@@ -46,16 +51,16 @@ impl StepPlan<'_> {
     /// Parses a plan; a forward plan's tokens are written to `tokens`.
     pub fn decode<'t>(bytes: &[u8], tokens: &'t mut Vec<u32>) -> Result<StepPlan<'t>> {
         match bytes.first() {
-            Some(&FORWARD) if bytes.len() >= 10 && (bytes.len() - 10).is_multiple_of(4) => {
-                let logits = if bytes[1] == 1 {
-                    Logits::All
-                } else {
-                    Logits::Last
+            Some(&FORWARD) if bytes.len() >= 17 && (bytes.len() - 17).is_multiple_of(4) => {
+                let logits = match u64::from_le_bytes(bytes[1..9].try_into()?) {
+                    u64::MAX => Logits::Last,
+                    0 => Logits::All,
+                    k => Logits::From(k as usize),
                 };
-                let start_pos = u64::from_le_bytes(bytes[2..10].try_into()?) as usize;
+                let start_pos = u64::from_le_bytes(bytes[9..17].try_into()?) as usize;
                 tokens.clear();
                 tokens.extend(
-                    bytes[10..]
+                    bytes[17..]
                         .chunks_exact(4)
                         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
                 );
@@ -82,7 +87,7 @@ mod tests {
         let plan = StepPlan::Forward {
             tokens: &[1, 70000, u32::MAX],
             start_pos: 12345,
-            logits: Logits::All,
+            logits: Logits::From(64),
         };
         plan.encode(&mut buf);
         let mut tokens = vec![];

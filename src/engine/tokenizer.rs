@@ -136,10 +136,16 @@ impl Tokenizer {
 
     /// Tokens that end a turn in common chat formats and are in this vocabulary.
     pub fn end_of_turn_ids(&self) -> Vec<u32> {
-        ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| self.token_id(t))
-            .collect()
+        [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+        ]
+        .iter()
+        .filter_map(|t| self.token_id(t))
+        .collect()
     }
 
     /// Text of `ids`; special tokens (<|im_end|> …) are written out unless skipped.

@@ -1,9 +1,15 @@
 //! A weight matrix in its stored format and the product `y = x · Wᵀ` over a batch of tokens.
 
 use super::dot::{dot_bf16_fn, dot_f16_fn, dot_f32_fn, DotFn};
+use super::fixed::to_fixed;
+use super::gemm::{dot_2x4_fixed_fn, dot_2x4_fn};
+use super::qdot::{qdot4_fns, quantize_q8, BlockQ8, Isa, QDot4FixedFn};
 use super::quant::QuantType;
 use super::threads::{DisjointChunks, Threads};
 use half::{bf16, f16};
+
+/// From this many tokens on, a product runs as panels of the 2×4 micro-kernel.
+const PANEL_MIN_TOKENS: usize = 4;
 
 /// Weight elements as stored in the model file; kept in that format so that decode reads
 /// as few bytes as the file has.
@@ -124,6 +130,9 @@ impl Matrix {
     /// `y` (`tokens × rows`). Each weight row is read once for all tokens.
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32], threads: &Threads) {
         assert!(x.len() >= tokens * self.cols && y.len() >= tokens * self.rows);
+        if tokens >= PANEL_MIN_TOKENS {
+            return self.matmul_panels(x, tokens, y, threads);
+        }
         match &self.storage {
             Storage::F32(w) => self.matmul_with(w, dot_f32_fn(), x, tokens, y, threads),
             Storage::BF16(w) => self.matmul_with(w, dot_bf16_fn(), x, tokens, y, threads),
@@ -132,9 +141,219 @@ impl Matrix {
         }
     }
 
+    /// As [`Matrix::matmul`], into 64-bit fixed point (see [`super::fixed`]): every
+    /// `segment` columns of a dot product are summed in f32 and converted, and the segments
+    /// add exactly. A rank holding columns `a..b` (multiples of `segment`) then contributes
+    /// the same integers that tp = 1 adds for those columns.
+    pub fn matmul_fixed(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        acc: &mut [i64],
+        segment: usize,
+        threads: &Threads,
+    ) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert!(
+            segment > 0 && cols.is_multiple_of(segment),
+            "{cols} columns do not split into segments of {segment}"
+        );
+        assert!(x.len() >= tokens * cols && acc.len() >= tokens * rows);
+        let out = DisjointI64::new(&mut acc[..tokens * rows]);
+        if let Storage::Quant(ty, w) = &self.storage {
+            if tokens < PANEL_MIN_TOKENS && segment.is_multiple_of(32) {
+                if let Some((_, qdot4)) = qdot4_fns(*ty, Isa::detect()) {
+                    return self.fixed_integer(*ty, w, qdot4, x, tokens, &out, segment, threads);
+                }
+            }
+        }
+        self.fixed_f32(x, tokens, &out, segment, threads);
+    }
+
+    /// Decode with integer kernels: one fixed-point term per segment of blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn fixed_integer(
+        &self,
+        ty: QuantType,
+        w: &[u8],
+        qdot4: QDot4FixedFn,
+        x: &[f32],
+        tokens: usize,
+        out: &DisjointI64,
+        segment: usize,
+        threads: &Threads,
+    ) {
+        let rows = self.rows;
+        self.for_row_groups(ty, w, x, tokens, threads, |rows4, xb, group, t| {
+            let v = qdot4(rows4, xb, segment / 32);
+            for (&j, v) in group.iter().zip(v) {
+                // SAFETY: row j belongs to this thread's range only.
+                unsafe { out.set(t * rows + j, v) };
+            }
+        });
+    }
+
+    /// Rows as f32 (pairs, with the 2×4 kernel on groups of four tokens), segment by segment.
+    fn fixed_f32(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        out: &DisjointI64,
+        segment: usize,
+        threads: &Threads,
+    ) {
+        thread_local! {
+            static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        let segments = cols / segment;
+        let seg = |v: &[f32], s: usize| -> std::ops::Range<usize> {
+            debug_assert!(v.len() >= (s + 1) * segment);
+            s * segment..(s + 1) * segment
+        };
+        let xt = |t: usize, s: usize| &x[t * cols + s * segment..t * cols + (s + 1) * segment];
+        let kernel = dot_2x4_fixed_fn(segment);
+        let dot = dot_f32_fn();
+        threads.for_each_range(rows, |range| {
+            ROWS.with_borrow_mut(|scratch| {
+                scratch.resize(2 * cols, 0.0);
+                let (s0, s1) = scratch.split_at_mut(cols);
+                let Some(last) = range.end.checked_sub(1) else {
+                    return;
+                };
+                for j0 in range.step_by(2) {
+                    let j1 = (j0 + 1).min(last);
+                    let (r0, r1) = (self.row_f32_ref(j0, s0), self.row_f32_ref(j1, s1));
+                    // SAFETY: rows j0 and j1 belong to this thread's range only.
+                    let put = |j: usize, t: usize, v: i64| unsafe { out.set(t * rows + j, v) };
+                    let mut t = 0;
+                    while t + 4 <= tokens {
+                        let xs = [t, t + 1, t + 2, t + 3].map(|t| &x[t * cols..(t + 1) * cols]);
+                        let [s0, s1] = kernel([r0, r1], xs, segment);
+                        for (k, (a, b)) in s0.into_iter().zip(s1).enumerate() {
+                            put(j0, t + k, a);
+                            put(j1, t + k, b);
+                        }
+                        t += 4;
+                    }
+                    for t in t..tokens {
+                        for (j, r) in [(j0, r0), (j1, r1)] {
+                            put(
+                                j,
+                                t,
+                                (0..segments)
+                                    .map(|s| to_fixed(dot(&r[seg(r, s)], xt(t, s))))
+                                    .sum(),
+                            );
+                        }
+                    }
+                }
+            })
+        });
+    }
+
+    /// Row `j` as f32: the stored row itself, or widened / dequantized into `scratch`.
+    fn row_f32_ref<'a>(&'a self, j: usize, scratch: &'a mut [f32]) -> &'a [f32] {
+        match &self.storage {
+            Storage::F32(w) => &w[j * self.cols..(j + 1) * self.cols],
+            other => {
+                other.to_f32(j * self.cols, scratch);
+                scratch
+            }
+        }
+    }
+
+    /// Prefill: pairs of rows (as f32) against groups of four tokens with the 2×4 kernel.
+    fn matmul_panels(&self, x: &[f32], tokens: usize, y: &mut [f32], threads: &Threads) {
+        thread_local! {
+            static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        let kernel = dot_2x4_fn();
+        let dot = dot_f32_fn();
+        let xt = |t: usize| &x[t * cols..(t + 1) * cols];
+        let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
+        threads.for_each_range(rows.div_ceil(2), |pairs| {
+            ROWS.with_borrow_mut(|scratch| {
+                scratch.resize(2 * cols, 0.0);
+                let (s0, s1) = scratch.split_at_mut(cols);
+                for p in pairs {
+                    let (j0, j1) = (2 * p, (2 * p + 1).min(rows - 1));
+                    let (r0, r1) = (self.row_f32_ref(j0, s0), self.row_f32_ref(j1, s1));
+                    // SAFETY: rows j0 and j1 belong to this thread's pairs only.
+                    let put =
+                        |j: usize, t: usize, v: f32| unsafe { out.chunk(t * rows + j)[0] = v };
+                    let mut t = 0;
+                    while t + 4 <= tokens {
+                        let [v0, v1] = kernel([r0, r1], [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)]);
+                        for (k, (a, b)) in v0.into_iter().zip(v1).enumerate() {
+                            put(j0, t + k, a);
+                            put(j1, t + k, b);
+                        }
+                        t += 4;
+                    }
+                    for t in t..tokens {
+                        put(j0, t, dot(r0, xt(t)));
+                        put(j1, t, dot(r1, xt(t)));
+                    }
+                }
+            })
+        });
+    }
+
+    /// Decode: the tokens are quantized to 8-bit blocks once, then rows meet them four at
+    /// a time in integer dot products (llama.cpp's method). K-quants dequantize each row.
+    fn matmul_quant(
+        &self,
+        ty: QuantType,
+        w: &[u8],
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        threads: &Threads,
+    ) {
+        let Some((qdot4, _)) = qdot4_fns(ty, Isa::detect()) else {
+            return self.matmul_dequantized(ty, w, x, tokens, y, threads);
+        };
+        let rows = self.rows;
+        let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
+        self.for_row_groups(ty, w, x, tokens, threads, |rows4, xb, group, t| {
+            let v = qdot4(rows4, xb);
+            for (&j, v) in group.iter().zip(v) {
+                // SAFETY: row j belongs to this thread's range only.
+                unsafe { out.chunk(t * rows + j)[0] = v };
+            }
+        });
+    }
+
+    /// Decode over integer kernels: quantizes the tokens to 8-bit blocks once, then calls
+    /// `f(rows, token_blocks, row_ids, token)` for every group of four rows of a thread's
+    /// range and every token.
+    fn for_row_groups(
+        &self,
+        ty: QuantType,
+        w: &[u8],
+        x: &[f32],
+        tokens: usize,
+        threads: &Threads,
+        f: impl Fn([&[u8]; 4], &[BlockQ8], [usize; 4], usize) + Sync,
+    ) {
+        let row_bytes = ty.bytes_for(self.cols);
+        with_quantized_tokens(x, tokens, self.cols, |xq, per_token| {
+            threads.for_each_range(self.rows, |range| {
+                for group in row_groups(range) {
+                    let rows4 = group.map(|j| &w[j * row_bytes..(j + 1) * row_bytes]);
+                    for t in 0..tokens {
+                        f(rows4, &xq[t * per_token..(t + 1) * per_token], group, t);
+                    }
+                }
+            });
+        });
+    }
+
     /// Each row is dequantized once into a per-thread buffer, then multiplied with every
     /// token by the f32 kernel.
-    fn matmul_quant(
+    fn matmul_dequantized(
         &self,
         ty: QuantType,
         w: &[u8],
@@ -188,4 +407,62 @@ impl Matrix {
             }
         });
     }
+}
+
+/// `acc` written element-wise by threads that own disjoint rows.
+struct DisjointI64<'a> {
+    ptr: *mut i64,
+    len: usize,
+    _buffer: std::marker::PhantomData<&'a mut [i64]>,
+}
+
+unsafe impl Send for DisjointI64<'_> {}
+unsafe impl Sync for DisjointI64<'_> {}
+
+impl<'a> DisjointI64<'a> {
+    fn new(data: &'a mut [i64]) -> Self {
+        DisjointI64 {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+            _buffer: std::marker::PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// No other thread may write element `i`.
+    unsafe fn set(&self, i: usize, v: i64) {
+        assert!(i < self.len);
+        *self.ptr.add(i) = v;
+    }
+}
+
+/// Quantizes `tokens` rows of `x` (`cols` wide) into 8-bit blocks in a per-thread buffer
+/// and hands them, with the blocks per token, to `f`.
+fn with_quantized_tokens(x: &[f32], tokens: usize, cols: usize, f: impl FnOnce(&[BlockQ8], usize)) {
+    thread_local! {
+        static XQ: std::cell::RefCell<Vec<BlockQ8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let per_token = cols / 32;
+    XQ.with_borrow_mut(|xq| {
+        xq.resize(tokens * per_token, BlockQ8::default());
+        for t in 0..tokens {
+            let blocks = &mut xq[t * per_token..(t + 1) * per_token];
+            quantize_q8(&x[t * cols..(t + 1) * cols], blocks);
+        }
+        f(xq, per_token)
+    })
+}
+
+/// `range` in groups of four rows; the last group repeats its last row to fill up (the
+/// repeats compute the same value twice, so writing them is harmless).
+fn row_groups(range: std::ops::Range<usize>) -> impl Iterator<Item = [usize; 4]> {
+    let end = range.end;
+    range.step_by(4).map(move |j| {
+        [
+            j,
+            (j + 1).min(end - 1),
+            (j + 2).min(end - 1),
+            (j + 3).min(end - 1),
+        ]
+    })
 }

@@ -3,8 +3,11 @@
 //! scalar twin. Nothing here knows about tensor parallelism.
 
 pub mod dot;
+pub mod fixed;
+pub mod gemm;
 pub mod matrix;
 pub mod ops;
+pub mod qdot;
 pub mod quant;
 pub mod threads;
 

@@ -2,6 +2,7 @@
 //! (Megatron-LM / vLLM semantics), each with its weight loader.
 
 use crate::comm::Comm;
+use crate::kernels::fixed::from_fixed;
 use crate::kernels::{Matrix, Storage, Threads};
 use crate::loader::{ModelConfig, TensorSource};
 use crate::shard::HeadShard;
@@ -81,9 +82,11 @@ impl ColumnParallelLinear {
 
 /// `y = x · Wᵀ` with W split by input columns: each rank holds the inputs it produced
 /// (its heads, its MLP neurons) and a partial sum of every output, which an all-reduce
-/// completes.
+/// completes. Partial sums are fixed-point over `segment`-column pieces (see
+/// `kernels::fixed`), so the result is the same bits at every tp.
 pub struct RowParallelLinear {
     weight: Matrix,
+    segment: usize,
 }
 
 impl RowParallelLinear {
@@ -93,27 +96,40 @@ impl RowParallelLinear {
         out_features: usize,
         in_features: usize,
         cols: Range<usize>,
+        segment: usize,
     ) -> Result<Self> {
         let name = format!("{prefix}.weight");
+        if !cols.start.is_multiple_of(segment) || !cols.len().is_multiple_of(segment) {
+            bail!("{name}: columns {cols:?} do not fall on {segment}-column segments");
+        }
         let weight = src.load_matrix(&name, [out_features, in_features], 0..out_features, cols)?;
-        Ok(RowParallelLinear { weight })
+        Ok(RowParallelLinear { weight, segment })
     }
 
     pub fn weight_bytes(&self) -> usize {
         self.weight.bytes()
     }
 
-    /// Computes this rank's partial sum into `y` and all-reduces it.
+    /// Computes this rank's partial sums (in `acc`, fixed point), all-reduces them and
+    /// writes the result into `y`.
     pub fn forward(
         &self,
         x: &[f32],
         tokens: usize,
         y: &mut [f32],
+        acc: &mut [i64],
         threads: &Threads,
         comm: &mut dyn Comm,
     ) -> Result<()> {
-        self.weight.matmul(x, tokens, y, threads);
-        comm.all_reduce_sum(&mut y[..tokens * self.weight.rows])
+        let n = tokens * self.weight.rows;
+        let acc = &mut acc[..n];
+        self.weight
+            .matmul_fixed(x, tokens, acc, self.segment, threads);
+        comm.all_reduce_sum_i64(acc)?;
+        for (o, &v) in y[..n].iter_mut().zip(acc.iter()) {
+            *o = from_fixed(v);
+        }
+        Ok(())
     }
 }
 

@@ -135,7 +135,9 @@ pub fn open_model(path: &Path) -> Result<ModelFiles> {
             .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
         let chat_template = tokenizer.as_ref().and_then(|t| {
             let token = |id: Option<u32>| {
-                id.and_then(|i| t.tokens.get(i as usize)).cloned().unwrap_or_default()
+                id.and_then(|i| t.tokens.get(i as usize))
+                    .cloned()
+                    .unwrap_or_default()
             };
             Some(ChatTemplateSpec {
                 source: t.chat_template.clone()?,

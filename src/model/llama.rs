@@ -32,8 +32,22 @@ struct Layer {
 pub enum Logits {
     /// Only the last token (generation).
     Last,
-    /// Every token (scoring, perplexity).
+    /// Every token.
     All,
+    /// Tokens from this index of the chunk on (perplexity scores only the second half).
+    From(usize),
+}
+
+impl Logits {
+    /// The chunk positions whose logits are computed, for a chunk of `n` tokens.
+    pub fn rows(self, n: usize) -> Result<Range<usize>> {
+        match self {
+            Logits::Last => Ok(n - 1..n),
+            Logits::All => Ok(0..n),
+            Logits::From(k) if k < n => Ok(k..n),
+            Logits::From(k) => bail!("logits from position {k} asked of a chunk of {n} tokens"),
+        }
+    }
 }
 
 /// How a model is split: this rank's place in a group of `tp`.
@@ -42,6 +56,19 @@ pub struct ShardPlan {
     pub heads: HeadShard,
     pub mlp: Range<usize>,
     pub vocab: Range<usize>,
+    /// Columns per fixed-point segment of the row-parallel products; depends on the model
+    /// only, never on tp, so every tp sums the same segments.
+    pub segment: usize,
+}
+
+/// The largest power of two up to 64 that divides both the head size and the MLP width:
+/// every rank's o_proj and down_proj columns are then whole segments.
+pub fn row_parallel_segment(cfg: &ModelConfig) -> usize {
+    let mut s = 64;
+    while s > 1 && !(cfg.head_dim.is_multiple_of(s) && cfg.intermediate_size.is_multiple_of(s)) {
+        s /= 2;
+    }
+    s
 }
 
 impl ShardPlan {
@@ -64,11 +91,14 @@ impl ShardPlan {
             }
         }
         let down = "model.layers.0.mlp.down_proj.weight";
-        let mlp = Partition::aligned(cfg.intermediate_size, tp, src.block_size(down), down)?;
+        let segment = row_parallel_segment(cfg);
+        let align = lcm(segment, src.block_size(down));
+        let mlp = Partition::aligned(cfg.intermediate_size, tp, align, down)?;
         Ok(ShardPlan {
             heads,
             mlp: mlp.range(rank),
             vocab: Partition::even(cfg.vocab_size, tp).range(rank),
+            segment,
         })
     }
 }
@@ -85,6 +115,16 @@ pub struct Model {
     scratch: Scratch,
 }
 
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    a / gcd(a, b) * b
+}
+
 /// Activation buffers, grown on demand and reused: steady-state decode allocates nothing.
 #[derive(Default)]
 struct Scratch {
@@ -93,6 +133,8 @@ struct Scratch {
     qkv: Vec<f32>,
     attn: Vec<f32>,
     o: Vec<f32>,
+    /// Fixed-point partial sums of the row-parallel products.
+    fixed: Vec<i64>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
     scores: Vec<f32>,
@@ -165,6 +207,7 @@ impl Model {
                     hidden,
                     cfg.num_heads * d,
                     heads.q_heads.start * d..heads.q_heads.end * d,
+                    plan.segment,
                 )?,
                 post_attention_norm: RmsNorm::load(
                     src,
@@ -185,6 +228,7 @@ impl Model {
                     hidden,
                     inter,
                     plan.mlp.clone(),
+                    plan.segment,
                 )?,
             });
         }
@@ -270,6 +314,9 @@ impl Model {
         grow(&mut s.x, n * hidden);
         grow(&mut s.h, n * hidden);
         grow(&mut s.o, n * hidden);
+        if s.fixed.len() < n * hidden {
+            s.fixed.resize(n * hidden, 0);
+        }
         grow(&mut s.qkv, n * qkv_width);
         grow(&mut s.attn, n * nq * d);
         grow(&mut s.gate_up, n * 2 * mlp_width);
@@ -315,7 +362,7 @@ impl Model {
             );
             layer
                 .o_proj
-                .forward(&s.attn, n, &mut s.o, &self.threads, comm)?;
+                .forward(&s.attn, n, &mut s.o, &mut s.fixed, &self.threads, comm)?;
             ops::add_in_place(&mut s.x[..n * hidden], &s.o[..n * hidden]);
 
             // MLP: norm, fused gate/up, SwiGLU, down_proj.
@@ -333,14 +380,11 @@ impl Model {
             }
             layer
                 .down_proj
-                .forward(&s.act, n, &mut s.o, &self.threads, comm)?;
+                .forward(&s.act, n, &mut s.o, &mut s.fixed, &self.threads, comm)?;
             ops::add_in_place(&mut s.x[..n * hidden], &s.o[..n * hidden]);
         }
 
-        let rows = match logits {
-            Logits::Last => (n - 1)..n,
-            Logits::All => 0..n,
-        };
+        let rows = logits.rows(n)?;
         let m = rows.len();
         self.norm.forward(
             &s.x[rows.start * hidden..rows.end * hidden],

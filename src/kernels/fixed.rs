@@ -1,0 +1,69 @@
+//! Fixed-point partial sums for row-parallel products.
+//!
+//! A row-parallel product sums, over its input columns, terms that different ranks own.
+//! Float addition is not associative, so a sum split over ranks rounds differently from the
+//! same sum on one rank — and 8-bit activation quantization downstream turns those last-bit
+//! differences into whole quantization steps. Summing instead fixed-size column segments,
+//! each converted to 64-bit fixed point, is exact and order-free: any split over ranks (at
+//! segment boundaries) gives the same bits as tp = 1.
+
+/// Fractional bits: a resolution of 2.3e-10.
+pub const FRAC_BITS: i32 = 32;
+
+/// Largest magnitude a segment sum may have (2¹⁸): far above real activations, and small
+/// enough that a SIMD conversion through f64 (exact below 2⁵¹) needs no special cases.
+pub const LIMIT: f64 = (1u64 << 18) as f64;
+
+/// `v` in fixed point: scaled, clamped to ±LIMIT, rounded to nearest (ties to even, as the
+/// SIMD conversion rounds).
+#[inline]
+pub fn to_fixed(v: f32) -> i64 {
+    let clamped = (v as f64).clamp(-LIMIT, LIMIT);
+    (clamped * (1u64 << FRAC_BITS) as f64).round_ties_even() as i64
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use super::{FRAC_BITS, LIMIT};
+    use std::arch::x86_64::*;
+
+    /// Four f32 to fixed point (scaled, clamped, rounded ties-to-even) as four i64: the
+    /// SIMD twin of [`super::to_fixed`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn to_fixed4(v: __m128) -> __m256i {
+        let d = _mm256_cvtps_pd(v);
+        let d = _mm256_min_pd(
+            _mm256_max_pd(d, _mm256_set1_pd(-LIMIT)),
+            _mm256_set1_pd(LIMIT),
+        );
+        let scaled = _mm256_mul_pd(d, _mm256_set1_pd((1u64 << FRAC_BITS) as f64));
+        // Adding 1.5·2⁵² puts the rounded integer in the low mantissa bits.
+        let magic = _mm256_set1_pd(6755399441055744.0);
+        let bits = _mm256_castpd_si256(_mm256_add_pd(scaled, magic));
+        _mm256_sub_epi64(bits, _mm256_castpd_si256(magic))
+    }
+}
+
+#[inline]
+pub fn from_fixed(v: i64) -> f32 {
+    (v as f64 / (1u64 << FRAC_BITS) as f64) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_do_not_depend_on_grouping() {
+        let terms: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1013) as f32 * 1e-3 - 0.5)
+            .collect();
+        let all: i64 = terms.iter().map(|&t| to_fixed(t)).sum();
+        let (a, b) = terms.split_at(377);
+        let split = a.iter().map(|&t| to_fixed(t)).sum::<i64>()
+            + b.iter().map(|&t| to_fixed(t)).sum::<i64>();
+        assert_eq!(all, split);
+        let float: f64 = terms.iter().map(|&t| t as f64).sum();
+        assert!((from_fixed(all) as f64 - float).abs() < 1e-5);
+    }
+}
