@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use tpserve::engine::{self, GenerateRequest, SamplingParams};
+use tpserve::kernels::Phase;
 use tpserve::model::Logits;
 
 const MODELS: [&str; 8] = [
@@ -27,7 +28,9 @@ struct Run {
 fn run_case(model: &str, tp: usize, case: &Case) -> Run {
     let n = case.input_ids.len();
     with_group(model, tp, n + 16, |driver| {
-        let all_logits = driver.forward(&case.input_ids, 0, Logits::All)?.to_vec();
+        let all_logits = driver
+            .forward_one(&case.input_ids, 0, Logits::All, Phase::Prefill)?
+            .to_vec();
         let request = GenerateRequest {
             input_ids: case.input_ids.clone(),
             max_new_tokens: 16,
@@ -35,7 +38,9 @@ fn run_case(model: &str, tp: usize, case: &Case) -> Run {
             stop_ids: vec![],
             prompt_top: 0,
         };
-        let last_logits = driver.forward(&case.input_ids, 0, Logits::Last)?.to_vec();
+        let last_logits = driver
+            .forward_one(&case.input_ids, 0, Logits::Last, Phase::Prefill)?
+            .to_vec();
         let greedy = engine::generate(driver, &request)?.output_ids;
         Ok(Run {
             last_logits,
@@ -191,7 +196,10 @@ fn threads_per_rank_do_not_change_results() {
     for (tp, threads) in [(1, 3), (2, 2), (3, 2)] {
         let logits =
             with_group_threads("tiny-mha-uneven", tp, threads, case.input_ids.len(), |d| {
-                Ok(d.forward(&case.input_ids, 0, Logits::All)?.to_vec())
+                Ok(
+                    d.forward_one(&case.input_ids, 0, Logits::All, Phase::Prefill)?
+                        .to_vec(),
+                )
             });
         assert_eq!(logits, base.all_logits, "tp {tp} × {threads} threads");
     }
@@ -226,5 +234,50 @@ fn seeded_sampling_is_the_same_at_every_tp() {
     );
     for tp in 2..=4 {
         assert_eq!(sample(tp), one, "tp {tp}");
+    }
+}
+
+/// Several sequences in one step (prefill and decode mixed, each with its own KV blocks)
+/// give exactly the logits each gives alone: batching changes no bit.
+#[test]
+fn batched_steps_equal_sequences_alone() {
+    use tpserve::model::SeqStep;
+    let reference = reference("tiny-mha-uneven");
+    let (a, b) = (&reference.cases[0].input_ids, &reference.cases[1].input_ids);
+    let step = |tokens: &'static [u32], start: usize, blocks: &'static [u32], phase| SeqStep {
+        tokens,
+        start_pos: start,
+        blocks,
+        logits: Logits::Last,
+        phase,
+    };
+    let a: &'static [u32] = a.clone().leak();
+    let b: &'static [u32] = b.clone().leak();
+    const BLOCKS_A: &[u32] = &[0, 1, 2, 3];
+    const BLOCKS_B: &[u32] = &[4, 5, 6, 7];
+    for tp in [1, 3] {
+        let (alone_a, alone_b, batched) = with_group("tiny-mha-uneven", tp, 256, |d| {
+            let alone_a = d.forward(&[step(a, 0, BLOCKS_A, Phase::Prefill)])?.to_vec();
+            let alone_a2 = d.forward(&[step(&[7], a.len(), BLOCKS_A, Phase::Decode)])?.to_vec();
+            let alone_b = d.forward(&[step(b, 0, BLOCKS_B, Phase::Prefill)])?.to_vec();
+            // Again, both at once: a's prefill with b's prefill, then a's decode with b's.
+            let both = d
+                .forward(&[
+                    step(a, 0, BLOCKS_A, Phase::Prefill),
+                    step(b, 0, BLOCKS_B, Phase::Prefill),
+                ])?
+                .to_vec();
+            let mixed = d
+                .forward(&[
+                    step(&[7], a.len(), BLOCKS_A, Phase::Decode),
+                    step(&[9], b.len(), BLOCKS_B, Phase::Decode),
+                ])?
+                .to_vec();
+            Ok(([alone_a, alone_a2].concat(), alone_b, [both, mixed].concat()))
+        });
+        let vocab = 512;
+        assert_eq!(batched[..vocab], alone_a[..vocab], "tp {tp}: a's prefill");
+        assert_eq!(batched[vocab..2 * vocab], alone_b[..], "tp {tp}: b's prefill");
+        assert_eq!(batched[2 * vocab..3 * vocab], alone_a[vocab..], "tp {tp}: a's decode");
     }
 }

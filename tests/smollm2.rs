@@ -105,11 +105,7 @@ fn tokenizer_from_gguf_metadata_matches_llama_cpp() {
 
 fn greedy(tp: usize, input_ids: &[u32], n: usize) -> Vec<u32> {
     let files = loader::open_model(&model_path()).unwrap();
-    let opts = GroupOptions {
-        tp,
-        threads_per_rank: Some(1),
-        kv_capacity: input_ids.len() + n,
-    };
+    let opts = GroupOptions::single_sequence(tp, Some(1), input_ids.len() + n);
     let request = GenerateRequest {
         input_ids: input_ids.to_vec(),
         max_new_tokens: n,

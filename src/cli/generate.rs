@@ -103,11 +103,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let capacity = request.input_ids.len() + request.max_new_tokens;
     engine::generate::validate_request(&request, cfg.vocab_size, capacity.max(1))?;
-    let opts = GroupOptions {
-        tp: args.tp,
-        threads_per_rank: args.threads_per_rank,
-        kv_capacity: capacity,
-    };
+    let opts = GroupOptions::single_sequence(args.tp, args.threads_per_rank, capacity);
     let generation = engine::run_local(files.tensors.as_ref(), cfg, &opts, |driver| {
         engine::generate(driver, &request)
     })

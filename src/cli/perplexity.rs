@@ -47,11 +47,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
             files.config.max_position_embeddings
         );
     }
-    let opts = GroupOptions {
-        tp: args.tp,
-        threads_per_rank: args.threads_per_rank,
-        kv_capacity: args.ctx,
-    };
+    let opts = GroupOptions::single_sequence(args.tp, args.threads_per_rank, args.ctx);
     let bos = tokenizer.bos_id();
     let quiet = args.json;
     let result = engine::run_local(files.tensors.as_ref(), &files.config, &opts, |driver| {

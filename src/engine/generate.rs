@@ -2,6 +2,7 @@
 
 use super::runtime::Driver;
 use super::sampling::{top_logits, Sampler, SamplingParams};
+use crate::kernels::Phase;
 use crate::model::Logits;
 use anyhow::{bail, Result};
 
@@ -54,7 +55,7 @@ pub fn generate(driver: &mut Driver, req: &GenerateRequest) -> Result<Generation
     validate_request(req, driver.config().vocab_size, driver.kv_capacity())?;
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut out = Vec::with_capacity(req.max_new_tokens);
-    let logits = driver.forward(&req.input_ids, 0, Logits::Last)?;
+    let logits = driver.forward_one(&req.input_ids, 0, Logits::Last, Phase::Prefill)?;
     let prompt_logits_top = top_logits(logits, req.prompt_top);
     let mut pos = req.input_ids.len();
     let mut finish_reason = FinishReason::Length;
@@ -69,7 +70,7 @@ pub fn generate(driver: &mut Driver, req: &GenerateRequest) -> Result<Generation
             if out.len() == req.max_new_tokens {
                 break;
             }
-            let logits = driver.forward(&[next], pos, Logits::Last)?;
+            let logits = driver.forward_one(&[next], pos, Logits::Last, Phase::Decode)?;
             next = sampler.sample(logits);
             pos += 1;
         }

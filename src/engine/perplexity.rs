@@ -3,6 +3,7 @@
 //! ctx/2 tokens of context).
 
 use super::runtime::Driver;
+use crate::kernels::Phase;
 use crate::model::Logits;
 use anyhow::{bail, Result};
 
@@ -51,7 +52,7 @@ pub fn perplexity(
         if let Some(b) = bos {
             window[0] = b;
         }
-        let logits = driver.forward(&window, 0, Logits::From(first))?;
+        let logits = driver.forward_one(&window, 0, Logits::From(first), Phase::Prefill)?;
         for pos in first..ctx - 1 {
             let row = &logits[(pos - first) * vocab..(pos - first + 1) * vocab];
             let target = tokens[w * ctx + pos + 1] as usize;

@@ -1,79 +1,158 @@
 //! The step plan rank 0 broadcasts every step: what all ranks run next.
 
-use crate::model::Logits;
-use anyhow::{bail, Result};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepPlan<'a> {
-    /// Run `tokens` at positions `start_pos..` (on workers the tokens arrive separately).
-    Forward {
-        tokens: &'a [u32],
-        start_pos: usize,
-        logits: Logits,
-    },
-    /// Report each rank's resident weight bytes.
-    ReportWeights,
-    /// Leave the worker loop.
-    Stop,
-}
+use crate::kernels::Phase;
+use crate::model::{Logits, SeqStep};
+use anyhow::{bail, ensure, Result};
 
 const FORWARD: u8 = 0;
 const REPORT_WEIGHTS: u8 = 1;
 const STOP: u8 = 2;
 
-impl StepPlan<'_> {
-    /// Serialises into `out` (cleared first; its capacity is reused).
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.clear();
-        match *self {
-            StepPlan::Forward {
-                tokens,
-                start_pos,
-                logits,
-            } => {
-                out.push(FORWARD);
-                let first_logit = match logits {
-                    Logits::Last => u64::MAX,
-                    Logits::All => 0,
-                    Logits::From(k) => k as u64,
-                };
-                out.extend_from_slice(&first_logit.to_le_bytes());
-                out.extend_from_slice(&(start_pos as u64).to_le_bytes());
-                for t in tokens {
-                    out.extend_from_slice(&t.to_le_bytes());
-                }
+/// Serialises a forward step into `out` (cleared first; its capacity is reused).
+pub fn encode_forward(seqs: &[SeqStep], out: &mut Vec<u8>) {
+    out.clear();
+    out.push(FORWARD);
+    out.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
+    for seq in seqs {
+        let first_logit = match seq.logits {
+            Logits::Last => u64::MAX,
+            Logits::None => u64::MAX - 1,
+            Logits::All => 0,
+            Logits::From(k) => k as u64,
+        };
+        out.extend_from_slice(&first_logit.to_le_bytes());
+        out.push(match seq.phase {
+            Phase::Prefill => 0,
+            Phase::Decode => 1,
+        });
+        out.extend_from_slice(&(seq.start_pos as u64).to_le_bytes());
+        for part in [seq.tokens, seq.blocks] {
+            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            for v in part {
+                out.extend_from_slice(&v.to_le_bytes());
             }
-            StepPlan::ReportWeights => out.push(REPORT_WEIGHTS),
-            StepPlan::Stop => out.push(STOP),
+        }
+    }
+}
+
+pub fn encode_report_weights(out: &mut Vec<u8>) {
+    out.clear();
+    out.push(REPORT_WEIGHTS);
+}
+
+pub fn encode_stop(out: &mut Vec<u8>) {
+    out.clear();
+    out.push(STOP);
+}
+
+/// What a received plan asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    Forward,
+    ReportWeights,
+    Stop,
+}
+
+/// A received plan, decoded into buffers that are reused step after step.
+#[derive(Default)]
+pub struct ReceivedPlan {
+    tokens: Vec<u32>,
+    blocks: Vec<u32>,
+    /// Per sequence: its tokens and blocks (ranges into the buffers), start, logits.
+    seqs: Vec<(
+        std::ops::Range<usize>,
+        std::ops::Range<usize>,
+        usize,
+        Logits,
+        Phase,
+    )>,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N]> {
+        ensure!(
+            self.at + N <= self.bytes.len(),
+            "malformed step plan: truncated"
+        );
+        let out = self.bytes[self.at..self.at + N].try_into()?;
+        self.at += N;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+
+    fn u32s(&mut self, out: &mut Vec<u32>) -> Result<std::ops::Range<usize>> {
+        let n = self.u32()? as usize;
+        ensure!(
+            n * 4 <= self.bytes.len() - self.at,
+            "malformed step plan: truncated"
+        );
+        let start = out.len();
+        for _ in 0..n {
+            out.push(self.u32()?);
+        }
+        Ok(start..out.len())
+    }
+}
+
+impl ReceivedPlan {
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<PlanKind> {
+        match bytes.first() {
+            Some(&FORWARD) => {
+                self.tokens.clear();
+                self.blocks.clear();
+                self.seqs.clear();
+                let mut r = Reader { bytes, at: 1 };
+                let n = r.u32()?;
+                for _ in 0..n {
+                    let logits = match r.u64()? {
+                        u64::MAX => Logits::Last,
+                        x if x == u64::MAX - 1 => Logits::None,
+                        0 => Logits::All,
+                        k => Logits::From(k as usize),
+                    };
+                    let phase = match r.take::<1>()?[0] {
+                        0 => Phase::Prefill,
+                        1 => Phase::Decode,
+                        p => bail!("malformed step plan: phase {p}"),
+                    };
+                    let start = r.u64()? as usize;
+                    let tokens = r.u32s(&mut self.tokens)?;
+                    let blocks = r.u32s(&mut self.blocks)?;
+                    self.seqs.push((tokens, blocks, start, logits, phase));
+                }
+                ensure!(r.at == bytes.len(), "malformed step plan: trailing bytes");
+                Ok(PlanKind::Forward)
+            }
+            Some(&REPORT_WEIGHTS) => Ok(PlanKind::ReportWeights),
+            Some(&STOP) => Ok(PlanKind::Stop),
+            _ => bail!("malformed step plan of {} bytes", bytes.len()),
         }
     }
 
-    /// Parses a plan; a forward plan's tokens are written to `tokens`.
-    pub fn decode<'t>(bytes: &[u8], tokens: &'t mut Vec<u32>) -> Result<StepPlan<'t>> {
-        match bytes.first() {
-            Some(&FORWARD) if bytes.len() >= 17 && (bytes.len() - 17).is_multiple_of(4) => {
-                let logits = match u64::from_le_bytes(bytes[1..9].try_into()?) {
-                    u64::MAX => Logits::Last,
-                    0 => Logits::All,
-                    k => Logits::From(k as usize),
-                };
-                let start_pos = u64::from_le_bytes(bytes[9..17].try_into()?) as usize;
-                tokens.clear();
-                tokens.extend(
-                    bytes[17..]
-                        .chunks_exact(4)
-                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                );
-                Ok(StepPlan::Forward {
-                    tokens,
-                    start_pos,
-                    logits,
-                })
-            }
-            Some(&REPORT_WEIGHTS) => Ok(StepPlan::ReportWeights),
-            Some(&STOP) => Ok(StepPlan::Stop),
-            _ => bail!("malformed step plan of {} bytes", bytes.len()),
-        }
+    /// The sequences of the last decoded forward plan.
+    pub fn seqs(&self) -> Vec<SeqStep<'_>> {
+        self.seqs
+            .iter()
+            .map(|(t, b, start, logits, phase)| SeqStep {
+                tokens: &self.tokens[t.clone()],
+                start_pos: *start,
+                blocks: &self.blocks[b.clone()],
+                logits: *logits,
+                phase: *phase,
+            })
+            .collect()
     }
 }
 
@@ -83,15 +162,27 @@ mod tests {
 
     #[test]
     fn forward_plan_round_trips() {
+        let seqs = [
+            SeqStep {
+                tokens: &[1, 70000, u32::MAX],
+                start_pos: 12345,
+                blocks: &[3, 4, 900],
+                logits: Logits::From(2),
+                phase: Phase::Prefill,
+            },
+            SeqStep {
+                tokens: &[5],
+                start_pos: 0,
+                blocks: &[0],
+                logits: Logits::None,
+                phase: Phase::Decode,
+            },
+        ];
         let mut buf = vec![];
-        let plan = StepPlan::Forward {
-            tokens: &[1, 70000, u32::MAX],
-            start_pos: 12345,
-            logits: Logits::From(64),
-        };
-        plan.encode(&mut buf);
-        let mut tokens = vec![];
-        assert_eq!(StepPlan::decode(&buf, &mut tokens).unwrap(), plan);
-        assert!(StepPlan::decode(&buf[..buf.len() - 1], &mut tokens).is_err());
+        encode_forward(&seqs, &mut buf);
+        let mut plan = ReceivedPlan::default();
+        assert_eq!(plan.decode(&buf).unwrap(), PlanKind::Forward);
+        assert_eq!(plan.seqs(), seqs);
+        assert!(plan.decode(&buf[..buf.len() - 1]).is_err());
     }
 }

@@ -2,11 +2,11 @@
 //! run the worker loop (receive a step plan, run the forward pass, contribute).
 
 use super::affinity;
-use super::plan::StepPlan;
+use super::plan::{self, PlanKind, ReceivedPlan};
 use crate::comm::{Comm, LocalGroup};
-use crate::kernels::Threads;
+use crate::kernels::{Phase, Threads};
 use crate::loader::{ModelConfig, TensorSource};
-use crate::model::{KvCache, Logits, Model};
+use crate::model::{KvCache, Logits, Model, SeqStep};
 use crate::shard::Partition;
 use anyhow::{anyhow, bail, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,11 +17,26 @@ pub struct GroupOptions {
     pub tp: usize,
     /// Kernel threads per rank; `None`: the machine's cores divided by tp, at least 1.
     pub threads_per_rank: Option<usize>,
-    /// Positions of KV cache each rank allocates.
-    pub kv_capacity: usize,
+    /// KV cache blocks each rank allocates.
+    pub kv_blocks: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
 }
 
+/// Positions per KV block unless a caller chooses otherwise.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
 impl GroupOptions {
+    /// A group whose KV cache holds one sequence of `positions`.
+    pub fn single_sequence(tp: usize, threads_per_rank: Option<usize>, positions: usize) -> Self {
+        GroupOptions {
+            tp,
+            threads_per_rank,
+            kv_blocks: positions.div_ceil(DEFAULT_BLOCK_SIZE).max(1),
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
+    }
+
     pub fn threads_per_rank(&self) -> usize {
         self.threads_per_rank.unwrap_or_else(|| {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -58,6 +73,8 @@ pub struct Driver<'a> {
     plan: Vec<u8>,
     gathered: Vec<f32>,
     logits: Vec<f32>,
+    /// The block table of `forward_one`: the whole cache, in order.
+    all_blocks: Vec<u32>,
 }
 
 impl Driver<'_> {
@@ -65,40 +82,67 @@ impl Driver<'_> {
         self.rank.model.config()
     }
 
+    /// Positions the KV cache holds in all.
     pub fn kv_capacity(&self) -> usize {
-        self.rank.kv.capacity()
+        self.rank.kv.num_blocks() * self.rank.kv.block_size()
+    }
+
+    pub fn kv_blocks(&self) -> usize {
+        self.rank.kv.num_blocks()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.rank.kv.block_size()
     }
 
     pub fn tp(&self) -> usize {
         self.rank.comm.size()
     }
 
-    /// Runs `tokens` at `start_pos..` on every rank; returns the full-vocabulary logits of
-    /// the positions asked, `[positions × vocab]`.
-    pub fn forward(&mut self, tokens: &[u32], start_pos: usize, logits: Logits) -> Result<&[f32]> {
-        StepPlan::Forward {
-            tokens,
-            start_pos,
-            logits,
-        }
-        .encode(&mut self.plan);
+    /// Runs one step of `seqs` on every rank; returns the full-vocabulary logits of the
+    /// positions asked, sequence after sequence: `[positions × vocab]`.
+    pub fn forward(&mut self, seqs: &[SeqStep]) -> Result<&[f32]> {
+        plan::encode_forward(seqs, &mut self.plan);
         self.rank.comm.broadcast(&mut self.plan, 0)?;
         let vocab = self.rank.model.config().vocab_size;
-        execute_forward(self.rank, tokens, start_pos, logits, &mut self.gathered)?;
+        execute_forward(self.rank, seqs, &mut self.gathered)?;
         let positions = self.gathered.len() / vocab;
         self.logits.resize(positions * vocab, 0.0);
         interleave_vocab_shards(&self.gathered, vocab, self.tp(), &mut self.logits);
         Ok(&self.logits)
     }
 
+    /// One sequence that owns the whole KV cache (generation from the command line,
+    /// perplexity): `tokens` at positions `start_pos..`.
+    pub fn forward_one(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+        logits: Logits,
+        phase: Phase,
+    ) -> Result<&[f32]> {
+        let blocks = std::mem::take(&mut self.all_blocks);
+        let result = self.forward(&[SeqStep {
+            tokens,
+            start_pos,
+            blocks: &blocks,
+            logits,
+            phase,
+        }]);
+        let result = result.map(|l| l.len());
+        self.all_blocks = blocks;
+        let len = result?;
+        Ok(&self.logits[..len])
+    }
+
     fn stop(&mut self) -> Result<()> {
-        StepPlan::Stop.encode(&mut self.plan);
+        plan::encode_stop(&mut self.plan);
         self.rank.comm.broadcast(&mut self.plan, 0)
     }
 
     /// Weight bytes held by each rank (gathered from all ranks).
     pub fn weight_bytes_per_rank(&mut self) -> Result<Vec<usize>> {
-        StepPlan::ReportWeights.encode(&mut self.plan);
+        plan::encode_report_weights(&mut self.plan);
         self.rank.comm.broadcast(&mut self.plan, 0)?;
         gather_weight_bytes(self.rank)
     }
@@ -113,16 +157,8 @@ fn gather_weight_bytes(rank: &mut Rank) -> Result<Vec<usize>> {
 
 /// The forward pass every rank runs for a step; the ranks' logits are gathered into
 /// `gathered`, rank-major: `[rank][position][vocab_local]`.
-fn execute_forward(
-    rank: &mut Rank,
-    tokens: &[u32],
-    start_pos: usize,
-    logits: Logits,
-    gathered: &mut Vec<f32>,
-) -> Result<()> {
-    let local = rank
-        .model
-        .forward(tokens, start_pos, &mut rank.kv, logits, &mut *rank.comm)?;
+fn execute_forward(rank: &mut Rank, seqs: &[SeqStep], gathered: &mut Vec<f32>) -> Result<()> {
+    let local = rank.model.forward(seqs, &mut rank.kv, &mut *rank.comm)?;
     rank.comm.all_gather(local, gathered)
 }
 
@@ -144,21 +180,17 @@ fn interleave_vocab_shards(gathered: &[f32], vocab: usize, tp: usize, out: &mut 
 
 /// The loop of ranks 1..tp: execute plans until rank 0 says stop.
 fn worker_loop(rank: &mut Rank) -> Result<()> {
-    let mut plan = Vec::new();
-    let mut tokens = Vec::new();
+    let mut bytes = Vec::new();
+    let mut plan = ReceivedPlan::default();
     let mut gathered = Vec::new();
     loop {
-        rank.comm.broadcast(&mut plan, 0)?;
-        match StepPlan::decode(&plan, &mut tokens)? {
-            StepPlan::Forward {
-                start_pos, logits, ..
-            } => {
-                execute_forward(rank, &tokens, start_pos, logits, &mut gathered)?;
-            }
-            StepPlan::ReportWeights => {
+        rank.comm.broadcast(&mut bytes, 0)?;
+        match plan.decode(&bytes)? {
+            PlanKind::Forward => execute_forward(rank, &plan.seqs(), &mut gathered)?,
+            PlanKind::ReportWeights => {
                 gather_weight_bytes(rank)?;
             }
-            StepPlan::Stop => return Ok(()),
+            PlanKind::Stop => return Ok(()),
         }
     }
 }
@@ -230,7 +262,7 @@ fn run_rank<T>(
         let mut comm: Box<dyn Comm> = Box::new(comm);
         let threads = Threads::new(threads_per_rank, cores)?;
         let model = Model::load(src, cfg, opts.tp, rank_id, threads)?;
-        let kv = model.new_kv_cache(opts.kv_capacity);
+        let kv = model.new_kv_cache(opts.kv_blocks, opts.block_size);
         // Every rank has its shard before any plan flows.
         comm.barrier()?;
         let mut rank = Rank { model, kv, comm };
@@ -243,6 +275,7 @@ fn run_rank<T>(
             plan: Vec::new(),
             gathered: Vec::new(),
             logits: Vec::new(),
+            all_blocks: (0..opts.kv_blocks as u32).collect(),
         };
         let out = drive(&mut driver);
         // Release the workers whether or not driving succeeded.

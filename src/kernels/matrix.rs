@@ -8,8 +8,16 @@ use super::quant::QuantType;
 use super::threads::{DisjointChunks, Threads};
 use half::{bf16, f16};
 
-/// From this many tokens on, a product runs as panels of the 2×4 micro-kernel.
-const PANEL_MIN_TOKENS: usize = 4;
+/// Which kernels a product's tokens take. The choice follows the tokens' role, never how
+/// many share a step, so a sequence computes the same numbers alone or in any batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Prompt tokens: rows as f32 against groups of four tokens (the 2×4 micro-kernel;
+    /// a short group is padded, so every token's lanes add in the same order).
+    Prefill,
+    /// Generated tokens: per-format dot products (8-bit integer ones for Q8_0/Q4_0/Q4_1).
+    Decode,
+}
 
 /// Weight elements as stored in the model file; kept in that format so that decode reads
 /// as few bytes as the file has.
@@ -128,9 +136,9 @@ impl Matrix {
 
     /// `y[t][j] = Σ_i x[t][i] · W[j][i]` for `tokens` rows of `x` (`tokens × cols`) into
     /// `y` (`tokens × rows`). Each weight row is read once for all tokens.
-    pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32], threads: &Threads) {
+    pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32], threads: &Threads, phase: Phase) {
         assert!(x.len() >= tokens * self.cols && y.len() >= tokens * self.rows);
-        if tokens >= PANEL_MIN_TOKENS {
+        if phase == Phase::Prefill {
             return self.matmul_panels(x, tokens, y, threads);
         }
         match &self.storage {
@@ -152,6 +160,7 @@ impl Matrix {
         acc: &mut [i64],
         segment: usize,
         threads: &Threads,
+        phase: Phase,
     ) {
         let (rows, cols) = (self.rows, self.cols);
         assert!(
@@ -161,13 +170,13 @@ impl Matrix {
         assert!(x.len() >= tokens * cols && acc.len() >= tokens * rows);
         let out = DisjointI64::new(&mut acc[..tokens * rows]);
         if let Storage::Quant(ty, w) = &self.storage {
-            if tokens < PANEL_MIN_TOKENS && segment.is_multiple_of(32) {
+            if phase == Phase::Decode && segment.is_multiple_of(32) {
                 if let Some((_, qdot4)) = qdot4_fns(*ty, Isa::detect()) {
                     return self.fixed_integer(*ty, w, qdot4, x, tokens, &out, segment, threads);
                 }
             }
         }
-        self.fixed_f32(x, tokens, &out, segment, threads);
+        self.fixed_f32(x, tokens, &out, segment, threads, phase);
     }
 
     /// Decode with integer kernels: one fixed-point term per segment of blocks.
@@ -193,7 +202,8 @@ impl Matrix {
         });
     }
 
-    /// Rows as f32 (pairs, with the 2×4 kernel on groups of four tokens), segment by segment.
+    /// Rows as f32, segment by segment: pairs with the 2×4 kernel on groups of four tokens
+    /// (prefill), or one dot product per segment (decode).
     fn fixed_f32(
         &self,
         x: &[f32],
@@ -201,6 +211,7 @@ impl Matrix {
         out: &DisjointI64,
         segment: usize,
         threads: &Threads,
+        phase: Phase,
     ) {
         thread_local! {
             static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -226,25 +237,21 @@ impl Matrix {
                     let (r0, r1) = (self.row_f32_ref(j0, s0), self.row_f32_ref(j1, s1));
                     // SAFETY: rows j0 and j1 belong to this thread's range only.
                     let put = |j: usize, t: usize, v: i64| unsafe { out.set(t * rows + j, v) };
-                    let mut t = 0;
-                    while t + 4 <= tokens {
-                        let xs = [t, t + 1, t + 2, t + 3].map(|t| &x[t * cols..(t + 1) * cols]);
-                        let [s0, s1] = kernel([r0, r1], xs, segment);
-                        for (k, (a, b)) in s0.into_iter().zip(s1).enumerate() {
-                            put(j0, t + k, a);
-                            put(j1, t + k, b);
+                    if phase == Phase::Prefill {
+                        for group in token_groups(tokens) {
+                            let xs = group.map(|t| &x[t * cols..(t + 1) * cols]);
+                            let [s0, s1] = kernel([r0, r1], xs, segment);
+                            for (&t, (a, b)) in group.iter().zip(s0.into_iter().zip(s1)) {
+                                put(j0, t, a);
+                                put(j1, t, b);
+                            }
                         }
-                        t += 4;
+                        continue;
                     }
-                    for t in t..tokens {
+                    for t in 0..tokens {
                         for (j, r) in [(j0, r0), (j1, r1)] {
-                            put(
-                                j,
-                                t,
-                                (0..segments)
-                                    .map(|s| to_fixed(dot(&r[seg(r, s)], xt(t, s))))
-                                    .sum(),
-                            );
+                            let segments = (0..segments).map(|s| dot(&r[seg(r, s)], xt(t, s)));
+                            put(j, t, segments.map(to_fixed).sum());
                         }
                     }
                 }
@@ -270,7 +277,6 @@ impl Matrix {
         }
         let (rows, cols) = (self.rows, self.cols);
         let kernel = dot_2x4_fn();
-        let dot = dot_f32_fn();
         let xt = |t: usize| &x[t * cols..(t + 1) * cols];
         let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
         threads.for_each_range(rows.div_ceil(2), |pairs| {
@@ -283,18 +289,12 @@ impl Matrix {
                     // SAFETY: rows j0 and j1 belong to this thread's pairs only.
                     let put =
                         |j: usize, t: usize, v: f32| unsafe { out.chunk(t * rows + j)[0] = v };
-                    let mut t = 0;
-                    while t + 4 <= tokens {
-                        let [v0, v1] = kernel([r0, r1], [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)]);
-                        for (k, (a, b)) in v0.into_iter().zip(v1).enumerate() {
-                            put(j0, t + k, a);
-                            put(j1, t + k, b);
+                    for group in token_groups(tokens) {
+                        let [v0, v1] = kernel([r0, r1], group.map(xt));
+                        for (&t, (a, b)) in group.iter().zip(v0.into_iter().zip(v1)) {
+                            put(j0, t, a);
+                            put(j1, t, b);
                         }
-                        t += 4;
-                    }
-                    for t in t..tokens {
-                        put(j0, t, dot(r0, xt(t)));
-                        put(j1, t, dot(r1, xt(t)));
                     }
                 }
             })
@@ -451,6 +451,12 @@ fn with_quantized_tokens(x: &[f32], tokens: usize, cols: usize, f: impl FnOnce(&
         }
         f(xq, per_token)
     })
+}
+
+/// Tokens `0..tokens` in groups of four; the last group repeats its last token to fill up
+/// (every token's lanes then add in the same order, whatever group it falls in).
+fn token_groups(tokens: usize) -> impl Iterator<Item = [usize; 4]> {
+    row_groups(0..tokens)
 }
 
 /// `range` in groups of four rows; the last group repeats its last row to fill up (the

@@ -11,6 +11,6 @@ pub mod qdot;
 pub mod quant;
 pub mod threads;
 
-pub use matrix::{Matrix, Storage};
+pub use matrix::{Matrix, Phase, Storage};
 pub use quant::QuantType;
 pub use threads::Threads;

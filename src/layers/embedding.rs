@@ -1,5 +1,6 @@
 //! Vocab-parallel embedding and LM head: each rank owns a contiguous range of vocab rows.
 
+use super::Run;
 use crate::comm::Comm;
 use crate::kernels::{Matrix, Threads};
 use crate::loader::TensorSource;
@@ -82,7 +83,12 @@ impl ParallelLmHead {
         }
     }
 
-    pub fn forward(&self, hidden: &[f32], tokens: usize, logits: &mut [f32], threads: &Threads) {
-        self.weight.matmul(hidden, tokens, logits, threads);
+    pub fn forward(&self, hidden: &[f32], runs: &[Run], logits: &mut [f32], threads: &Threads) {
+        let (cols, rows) = (self.weight.cols, self.weight.rows);
+        for run in runs {
+            let (start, n) = (run.tokens.start, run.tokens.len());
+            let (x, y) = (&hidden[start * cols..], &mut logits[start * rows..]);
+            self.weight.matmul(x, n, y, threads, run.phase);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Linear layers that know their split and the one collective that follows it
 //! (Megatron-LM / vLLM semantics), each with its weight loader.
 
+use super::Run;
 use crate::comm::Comm;
 use crate::kernels::fixed::from_fixed;
 use crate::kernels::{Matrix, Storage, Threads};
@@ -70,8 +71,14 @@ impl ColumnParallelLinear {
         self.weight.bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 
-    pub fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32], threads: &Threads) {
-        self.weight.matmul(x, tokens, y, threads);
+    pub fn forward(&self, x: &[f32], runs: &[Run], y: &mut [f32], threads: &Threads) {
+        let (cols, rows) = (self.weight.cols, self.weight.rows);
+        for run in runs {
+            let (start, n) = (run.tokens.start, run.tokens.len());
+            let (x, y) = (&x[start * cols..], &mut y[start * rows..]);
+            self.weight.matmul(x, n, y, threads, run.phase);
+        }
+        let tokens = runs.last().map_or(0, |r| r.tokens.end);
         if let Some(bias) = &self.bias {
             for row in y.chunks_exact_mut(bias.len()).take(tokens) {
                 crate::kernels::ops::add_in_place(row, bias);
@@ -115,16 +122,21 @@ impl RowParallelLinear {
     pub fn forward(
         &self,
         x: &[f32],
-        tokens: usize,
+        runs: &[Run],
         y: &mut [f32],
         acc: &mut [i64],
         threads: &Threads,
         comm: &mut dyn Comm,
     ) -> Result<()> {
-        let n = tokens * self.weight.rows;
+        let (cols, rows) = (self.weight.cols, self.weight.rows);
+        for run in runs {
+            let (start, n) = (run.tokens.start, run.tokens.len());
+            let (x, acc) = (&x[start * cols..], &mut acc[start * rows..]);
+            self.weight
+                .matmul_fixed(x, n, acc, self.segment, threads, run.phase);
+        }
+        let n = runs.last().map_or(0, |r| r.tokens.end) * rows;
         let acc = &mut acc[..n];
-        self.weight
-            .matmul_fixed(x, tokens, acc, self.segment, threads);
         comm.all_reduce_sum_i64(acc)?;
         for (o, &v) in y[..n].iter_mut().zip(acc.iter()) {
             *o = from_fixed(v);

@@ -12,3 +12,13 @@ pub use linear::{
 };
 pub use norm::RmsNorm;
 pub use rotary::Rotary;
+
+use crate::kernels::Phase;
+use std::ops::Range;
+
+/// Consecutive tokens of a step that share a phase (and so their kernels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub tokens: Range<usize>,
+    pub phase: Phase,
+}

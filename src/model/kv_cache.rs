@@ -1,42 +1,60 @@
-//! The key/value cache of one rank: only the kv heads that rank owns.
+//! The key/value cache of one rank, paged: fixed-size blocks of positions, handed to
+//! sequences by the scheduler through block tables. A rank stores only its kv heads.
 
-/// Keys and values per layer, laid out `[position][local kv head][head_dim]`.
+/// Keys and values per layer, laid out `[block][position in block][local kv head][head_dim]`.
 pub struct KvCache {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// Floats per position (`kv_heads × head_dim`).
     row: usize,
-    capacity: usize,
+    block_size: usize,
+    num_blocks: usize,
 }
 
 impl KvCache {
-    /// A cache for `capacity` positions of `kv_heads` heads of `head_dim` in `layers` layers.
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Self {
         let row = kv_heads * head_dim;
+        let len = row * num_blocks * block_size;
         KvCache {
-            keys: (0..layers).map(|_| vec![0.0; row * capacity]).collect(),
-            values: (0..layers).map(|_| vec![0.0; row * capacity]).collect(),
+            keys: (0..layers).map(|_| vec![0.0; len]).collect(),
+            values: (0..layers).map(|_| vec![0.0; len]).collect(),
             row,
-            capacity,
+            block_size,
+            num_blocks,
         }
     }
 
-    /// Positions the cache can hold.
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
     }
 
     pub fn bytes(&self) -> usize {
-        2 * self.keys.len() * self.row * self.capacity * std::mem::size_of::<f32>()
+        2 * self.keys.len() * self.row * self.num_blocks * self.block_size * 4
     }
 
-    /// Stores one position's keys and values (`kv_heads × head_dim` each).
-    pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let at = pos * self.row;
+    /// The cache slot of position `pos` of a sequence with block table `blocks`.
+    pub fn slot(&self, blocks: &[u32], pos: usize) -> usize {
+        blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size
+    }
+
+    /// Stores one position's keys and values (`kv_heads × head_dim` each) at `slot`.
+    pub fn store(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let at = slot * self.row;
         self.keys[layer][at..at + self.row].copy_from_slice(k);
         self.values[layer][at..at + self.row].copy_from_slice(v);
     }
 
-    /// Keys and values of a layer, `[position][kv head][head_dim]`.
+    /// Keys and values of a layer, `[slot][kv head][head_dim]`.
     pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
         (&self.keys[layer], &self.values[layer])
     }

@@ -4,11 +4,11 @@
 use super::kv_cache::KvCache;
 use crate::comm::Comm;
 use crate::kernels::threads::DisjointChunks;
-use crate::kernels::{dot, ops, Threads};
+use crate::kernels::{dot, ops, Phase, Threads};
 use crate::layers::embedding::load_vocab_rows;
 use crate::layers::{
     MergedColumnParallelLinear, ParallelLmHead, QkvParallelLinear, RmsNorm, Rotary,
-    RowParallelLinear, VocabParallelEmbedding,
+    RowParallelLinear, Run, VocabParallelEmbedding,
 };
 use crate::loader::{ModelConfig, TensorSource};
 use crate::shard::{HeadShard, Partition};
@@ -36,6 +36,8 @@ pub enum Logits {
     All,
     /// Tokens from this index of the chunk on (perplexity scores only the second half).
     From(usize),
+    /// None (a prefill chunk that does not end the prompt).
+    None,
 }
 
 impl Logits {
@@ -46,8 +48,21 @@ impl Logits {
             Logits::All => Ok(0..n),
             Logits::From(k) if k < n => Ok(k..n),
             Logits::From(k) => bail!("logits from position {k} asked of a chunk of {n} tokens"),
+            Logits::None => Ok(n..n),
         }
     }
+}
+
+/// One sequence's part of a step: its new tokens at positions `start_pos..`, its KV block
+/// table, and which of its positions need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqStep<'a> {
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    pub blocks: &'a [u32],
+    pub logits: Logits,
+    /// Prompt tokens (prefill) or generated ones (decode): decides the kernels.
+    pub phase: Phase,
 }
 
 /// How a model is split: this rank's place in a group of `tp`.
@@ -141,6 +156,29 @@ struct Scratch {
     cos: Vec<f32>,
     sin: Vec<f32>,
     logits: Vec<f32>,
+    /// Per token of the step: its id, position, cache slot and sequence.
+    ids: Vec<u32>,
+    positions: Vec<usize>,
+    slots: Vec<usize>,
+    seq_of: Vec<usize>,
+    /// Rows of the step whose logits are wanted.
+    logit_rows: Vec<usize>,
+    /// The step's tokens, and its logit rows, as runs of one phase.
+    runs: Vec<Run>,
+    logit_runs: Vec<Run>,
+}
+
+/// Appends `count` items of `phase` to `runs`, extending the last run when it matches.
+fn push_run(runs: &mut Vec<Run>, count: usize, phase: Phase) {
+    let start = runs.last().map_or(0, |r| r.tokens.end);
+    match runs.last_mut() {
+        Some(last) if last.phase == phase => last.tokens.end += count,
+        _ if count == 0 => {}
+        _ => runs.push(Run {
+            tokens: start..start + count,
+            phase,
+        }),
+    }
 }
 
 fn grow(buf: &mut Vec<f32>, len: usize) {
@@ -272,43 +310,76 @@ impl Model {
         layers + self.embed.weight_bytes() + self.norm.weight_bytes() + self.lm_head.weight_bytes()
     }
 
-    /// An empty KV cache for `capacity` positions of this rank's kv heads.
-    pub fn new_kv_cache(&self, capacity: usize) -> KvCache {
+    /// An empty KV cache of `num_blocks` blocks of `block_size` positions, for this rank's
+    /// kv heads.
+    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
         KvCache::new(
             self.cfg.num_layers,
             self.plan.heads.num_kv(),
             self.cfg.head_dim,
-            capacity,
+            num_blocks,
+            block_size,
         )
     }
 
-    /// Runs `tokens` at positions `start_pos..` through the model, appending their keys and
-    /// values to `kv`. Returns this rank's logits (its vocab range) for the positions asked:
-    /// `[positions × vocab_local]`.
+    /// Runs one step — the new tokens of every sequence in `seqs`, as one batch, so each
+    /// weight is read once for all of them — appending their keys and values to `kv`.
+    /// Returns this rank's logits (its vocab range) for the positions asked, sequence after
+    /// sequence: `[positions × vocab_local]`.
     pub fn forward(
         &mut self,
-        tokens: &[u32],
-        start_pos: usize,
+        seqs: &[SeqStep],
         kv: &mut KvCache,
-        logits: Logits,
         comm: &mut dyn Comm,
     ) -> Result<&[f32]> {
-        let n = tokens.len();
-        if n == 0 {
-            bail!("a forward pass needs at least one token");
-        }
-        if start_pos + n > kv.capacity() {
-            bail!(
-                "{} positions exceed the KV cache capacity of {}",
-                start_pos + n,
-                kv.capacity()
-            );
-        }
         let cfg = &self.cfg;
         let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
         let heads = &self.plan.heads;
         let (nq, nkv) = (heads.num_q(), heads.num_kv());
         let s = &mut self.scratch;
+        s.ids.clear();
+        s.positions.clear();
+        s.slots.clear();
+        s.seq_of.clear();
+        s.logit_rows.clear();
+        s.runs.clear();
+        s.logit_runs.clear();
+        let mut max_ctx = 0;
+        for (i, seq) in seqs.iter().enumerate() {
+            let end = seq.start_pos + seq.tokens.len();
+            if end > seq.blocks.len() * kv.block_size() {
+                bail!(
+                    "{end} positions exceed the sequence's {} KV blocks of {}",
+                    seq.blocks.len(),
+                    kv.block_size()
+                );
+            }
+            if let Some(&b) = seq.blocks.iter().find(|&&b| b as usize >= kv.num_blocks()) {
+                bail!(
+                    "KV block {b} is outside the cache of {} blocks",
+                    kv.num_blocks()
+                );
+            }
+            let first_row = s.ids.len();
+            let logit_rows = seq.logits.rows(seq.tokens.len())?;
+            push_run(&mut s.logit_runs, logit_rows.len(), seq.phase);
+            push_run(&mut s.runs, seq.tokens.len(), seq.phase);
+            for r in logit_rows {
+                s.logit_rows.push(first_row + r);
+            }
+            for (t, &id) in seq.tokens.iter().enumerate() {
+                let pos = seq.start_pos + t;
+                s.ids.push(id);
+                s.positions.push(pos);
+                s.slots.push(kv.slot(seq.blocks, pos));
+                s.seq_of.push(i);
+            }
+            max_ctx = max_ctx.max(end);
+        }
+        let n = s.ids.len();
+        if n == 0 {
+            bail!("a forward pass needs at least one token");
+        }
         let qkv_width = nq * d + 2 * nkv * d;
         let mlp_width = self.plan.mlp.len();
         grow(&mut s.x, n * hidden);
@@ -321,21 +392,23 @@ impl Model {
         grow(&mut s.attn, n * nq * d);
         grow(&mut s.gate_up, n * 2 * mlp_width);
         grow(&mut s.act, n * mlp_width);
-        grow(&mut s.scores, n * nq * (start_pos + n));
+        grow(&mut s.scores, n * nq * max_ctx);
         grow(&mut s.cos, d / 2);
         grow(&mut s.sin, d / 2);
 
-        self.embed.forward(tokens, &mut s.x, comm)?;
+        self.embed.forward(&s.ids, &mut s.x, comm)?;
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention: norm, fused qkv, per-head norms and rotary, cache, attend, o_proj.
             layer
                 .input_norm
                 .forward(&s.x[..n * hidden], &mut s.h[..n * hidden]);
-            layer.qkv.linear.forward(&s.h, n, &mut s.qkv, &self.threads);
+            layer
+                .qkv
+                .linear
+                .forward(&s.h, &s.runs, &mut s.qkv, &self.threads);
             for t in 0..n {
-                let pos = start_pos + t;
-                self.rotary.cos_sin(pos, &mut s.cos, &mut s.sin);
+                self.rotary.cos_sin(s.positions[t], &mut s.cos, &mut s.sin);
                 let row = &mut s.qkv[t * qkv_width..(t + 1) * qkv_width];
                 let (q, kvs) = row.split_at_mut(nq * d);
                 let (k, v) = kvs.split_at_mut(nkv * d);
@@ -346,23 +419,34 @@ impl Model {
                 for head in q.chunks_exact_mut(d).chain(k.chunks_exact_mut(d)) {
                     ops::rope_in_place(head, &s.cos, &s.sin);
                 }
-                kv.store(l, pos, k, v);
+                kv.store(l, s.slots[t], k, v);
             }
+            let batch = Batch {
+                seqs,
+                positions: &s.positions,
+                seq_of: &s.seq_of,
+                block_size: kv.block_size(),
+            };
             attend(
                 heads,
                 d,
                 &s.qkv,
                 qkv_width,
-                start_pos,
-                n,
+                &batch,
                 kv.layer(l),
                 &mut s.scores,
+                max_ctx,
                 &mut s.attn,
                 &self.threads,
             );
-            layer
-                .o_proj
-                .forward(&s.attn, n, &mut s.o, &mut s.fixed, &self.threads, comm)?;
+            layer.o_proj.forward(
+                &s.attn,
+                &s.runs,
+                &mut s.o,
+                &mut s.fixed,
+                &self.threads,
+                comm,
+            )?;
             ops::add_in_place(&mut s.x[..n * hidden], &s.o[..n * hidden]);
 
             // MLP: norm, fused gate/up, SwiGLU, down_proj.
@@ -372,68 +456,88 @@ impl Model {
             layer
                 .gate_up
                 .linear
-                .forward(&s.h, n, &mut s.gate_up, &self.threads);
+                .forward(&s.h, &s.runs, &mut s.gate_up, &self.threads);
             for t in 0..n {
                 let gu = &s.gate_up[t * 2 * mlp_width..(t + 1) * 2 * mlp_width];
                 let (gate, up) = gu.split_at(mlp_width);
                 ops::silu_mul(gate, up, &mut s.act[t * mlp_width..(t + 1) * mlp_width]);
             }
-            layer
-                .down_proj
-                .forward(&s.act, n, &mut s.o, &mut s.fixed, &self.threads, comm)?;
+            layer.down_proj.forward(
+                &s.act,
+                &s.runs,
+                &mut s.o,
+                &mut s.fixed,
+                &self.threads,
+                comm,
+            )?;
             ops::add_in_place(&mut s.x[..n * hidden], &s.o[..n * hidden]);
         }
 
-        let rows = logits.rows(n)?;
-        let m = rows.len();
-        self.norm.forward(
-            &s.x[rows.start * hidden..rows.end * hidden],
-            &mut s.h[..m * hidden],
-        );
+        let m = s.logit_rows.len();
+        for (i, &r) in s.logit_rows.iter().enumerate() {
+            self.norm.forward(
+                &s.x[r * hidden..(r + 1) * hidden],
+                &mut s.h[i * hidden..(i + 1) * hidden],
+            );
+        }
         let vocab_local = self.plan.vocab.len();
         grow(&mut s.logits, m * vocab_local);
-        self.lm_head.forward(&s.h, m, &mut s.logits, &self.threads);
+        if m > 0 {
+            self.lm_head
+                .forward(&s.h, &s.logit_runs, &mut s.logits, &self.threads);
+        }
         Ok(&s.logits[..m * vocab_local])
     }
 }
 
-/// Causal attention of `n` new tokens over the cache, one (token, local q head) per unit.
+/// Where each token of a step sits: its sequence (for the block table) and position.
+struct Batch<'a> {
+    seqs: &'a [SeqStep<'a>],
+    positions: &'a [usize],
+    seq_of: &'a [usize],
+    block_size: usize,
+}
+
+/// Causal attention of every token of the step over its own sequence's cached positions,
+/// one (token, local q head) per unit.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     heads: &HeadShard,
     d: usize,
     qkv: &[f32],
     qkv_width: usize,
-    start_pos: usize,
-    n: usize,
+    batch: &Batch,
     (keys, values): (&[f32], &[f32]),
     scores: &mut [f32],
+    max_ctx: usize,
     out: &mut [f32],
     threads: &Threads,
 ) {
+    let n = batch.positions.len();
     let nq = heads.num_q();
     let kv_row = heads.num_kv() * d;
-    let ctx = start_pos + n;
     let scale = 1.0 / (d as f32).sqrt();
     let dot = dot::dot_f32_fn();
-    let scores = DisjointChunks::new(&mut scores[..n * nq * ctx], ctx);
+    let scores = DisjointChunks::new(&mut scores[..n * nq * max_ctx], max_ctx);
     let out = DisjointChunks::new(&mut out[..n * nq * d], d);
+    let bs = batch.block_size;
     threads.for_each_range(n * nq, |units| {
         for u in units {
             let (t, i) = (u / nq, u % nq);
-            let seen = start_pos + t + 1;
+            let seen = batch.positions[t] + 1;
+            let blocks = batch.seqs[batch.seq_of[t]].blocks;
             let q = &qkv[t * qkv_width + i * d..t * qkv_width + (i + 1) * d];
             let kv_off = heads.local_kv_for(i) * d;
+            let at = |j: usize| (blocks[j / bs] as usize * bs + j % bs) * kv_row + kv_off;
             // SAFETY: unit u is handled by exactly one thread.
             let (sc, o) = unsafe { (&mut scores.chunk(u)[..seen], out.chunk(u)) };
             for (j, s) in sc.iter_mut().enumerate() {
-                let k = &keys[j * kv_row + kv_off..j * kv_row + kv_off + d];
-                *s = dot(q, k) * scale;
+                *s = dot(q, &keys[at(j)..at(j) + d]) * scale;
             }
             ops::softmax_in_place(sc);
             o.fill(0.0);
             for (j, &p) in sc.iter().enumerate() {
-                ops::axpy(o, p, &values[j * kv_row + kv_off..j * kv_row + kv_off + d]);
+                ops::axpy(o, p, &values[at(j)..at(j) + d]);
             }
         }
     });

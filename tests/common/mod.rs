@@ -58,11 +58,7 @@ pub fn with_group_threads<T: Send>(
     f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
 ) -> T {
     let files = loader::open_model(&fixture(model)).unwrap();
-    let opts = GroupOptions {
-        tp,
-        threads_per_rank: Some(threads),
-        kv_capacity,
-    };
+    let opts = GroupOptions::single_sequence(tp, Some(threads), kv_capacity);
     engine::run_local(files.tensors.as_ref(), &files.config, &opts, f).unwrap()
 }
 
