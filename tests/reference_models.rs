@@ -258,7 +258,9 @@ fn batched_steps_equal_sequences_alone() {
     for tp in [1, 3] {
         let (alone_a, alone_b, batched) = with_group("tiny-mha-uneven", tp, 256, |d| {
             let alone_a = d.forward(&[step(a, 0, BLOCKS_A, Phase::Prefill)])?.to_vec();
-            let alone_a2 = d.forward(&[step(&[7], a.len(), BLOCKS_A, Phase::Decode)])?.to_vec();
+            let alone_a2 = d
+                .forward(&[step(&[7], a.len(), BLOCKS_A, Phase::Decode)])?
+                .to_vec();
             let alone_b = d.forward(&[step(b, 0, BLOCKS_B, Phase::Prefill)])?.to_vec();
             // Again, both at once: a's prefill with b's prefill, then a's decode with b's.
             let both = d
@@ -273,11 +275,23 @@ fn batched_steps_equal_sequences_alone() {
                     step(&[9], b.len(), BLOCKS_B, Phase::Decode),
                 ])?
                 .to_vec();
-            Ok(([alone_a, alone_a2].concat(), alone_b, [both, mixed].concat()))
+            Ok((
+                [alone_a, alone_a2].concat(),
+                alone_b,
+                [both, mixed].concat(),
+            ))
         });
         let vocab = 512;
         assert_eq!(batched[..vocab], alone_a[..vocab], "tp {tp}: a's prefill");
-        assert_eq!(batched[vocab..2 * vocab], alone_b[..], "tp {tp}: b's prefill");
-        assert_eq!(batched[2 * vocab..3 * vocab], alone_a[vocab..], "tp {tp}: a's decode");
+        assert_eq!(
+            batched[vocab..2 * vocab],
+            alone_b[..],
+            "tp {tp}: b's prefill"
+        );
+        assert_eq!(
+            batched[2 * vocab..3 * vocab],
+            alone_a[vocab..],
+            "tp {tp}: a's decode"
+        );
     }
 }

@@ -58,14 +58,16 @@ pub enum PlanKind {
 pub struct ReceivedPlan {
     tokens: Vec<u32>,
     blocks: Vec<u32>,
-    /// Per sequence: its tokens and blocks (ranges into the buffers), start, logits.
-    seqs: Vec<(
-        std::ops::Range<usize>,
-        std::ops::Range<usize>,
-        usize,
-        Logits,
-        Phase,
-    )>,
+    seqs: Vec<SeqMeta>,
+}
+
+/// One sequence of a received plan: its tokens and blocks as ranges into the buffers.
+struct SeqMeta {
+    tokens: std::ops::Range<usize>,
+    blocks: std::ops::Range<usize>,
+    start_pos: usize,
+    logits: Logits,
+    phase: Phase,
 }
 
 struct Reader<'a> {
@@ -127,10 +129,16 @@ impl ReceivedPlan {
                         1 => Phase::Decode,
                         p => bail!("malformed step plan: phase {p}"),
                     };
-                    let start = r.u64()? as usize;
+                    let start_pos = r.u64()? as usize;
                     let tokens = r.u32s(&mut self.tokens)?;
                     let blocks = r.u32s(&mut self.blocks)?;
-                    self.seqs.push((tokens, blocks, start, logits, phase));
+                    self.seqs.push(SeqMeta {
+                        tokens,
+                        blocks,
+                        start_pos,
+                        logits,
+                        phase,
+                    });
                 }
                 ensure!(r.at == bytes.len(), "malformed step plan: trailing bytes");
                 Ok(PlanKind::Forward)
@@ -145,12 +153,12 @@ impl ReceivedPlan {
     pub fn seqs(&self) -> Vec<SeqStep<'_>> {
         self.seqs
             .iter()
-            .map(|(t, b, start, logits, phase)| SeqStep {
-                tokens: &self.tokens[t.clone()],
-                start_pos: *start,
-                blocks: &self.blocks[b.clone()],
-                logits: *logits,
-                phase: *phase,
+            .map(|m| SeqStep {
+                tokens: &self.tokens[m.tokens.clone()],
+                start_pos: m.start_pos,
+                blocks: &self.blocks[m.blocks.clone()],
+                logits: m.logits,
+                phase: m.phase,
             })
             .collect()
     }
