@@ -3,7 +3,8 @@
 //! Layers, lowest first (arrows point down only): `comm` (the TP group), `kernels`
 //! (numbers on slices), `shard` (who owns what), `loader` (model files to shards),
 //! `layers` (parallel linear layers, embeddings, norms, rotary), `model` (architectures and
-//! KV cache), `engine` (rank runtime, sampling, generation), `cli`.
+//! KV cache), `engine` (rank runtime, scheduler, sampling, generation), `server` (HTTP),
+//! `cli`.
 
 pub mod cli;
 pub mod comm;
@@ -12,4 +13,5 @@ pub mod kernels;
 pub mod layers;
 pub mod loader;
 pub mod model;
+pub mod server;
 pub mod shard;

@@ -219,6 +219,7 @@ fn seeded_sampling_is_the_same_at_every_tp() {
                     top_k: 40,
                     top_p: 0.95,
                     seed: Some(11),
+                    ..Default::default()
                 },
                 stop_ids: vec![],
                 prompt_top: 0,

@@ -97,6 +97,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            ..Default::default()
         },
         stop_ids: if args.ignore_eos { vec![] } else { stop_ids },
         prompt_top: 10,

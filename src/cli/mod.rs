@@ -2,6 +2,7 @@
 
 mod generate;
 mod perplexity;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Perplexity of a text file (llama.cpp's method: windows of --ctx, second half scored).
     Perplexity(perplexity::PerplexityArgs),
+    /// Serve the model over HTTP: OpenAI and SGLang APIs (SGLang's launch_server).
+    #[command(alias = "launch_server")]
+    Serve(serve::ServeArgs),
 }
 
 /// Runs a parsed command line.
@@ -29,5 +33,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -7,6 +7,7 @@ pub mod perplexity;
 pub mod plan;
 pub mod runtime;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};

@@ -10,6 +10,8 @@ use crate::model::{KvCache, Logits, Model, SeqStep};
 use crate::shard::Partition;
 use anyhow::{anyhow, bail, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
 /// How to lay out a tensor-parallel group on this machine.
 #[derive(Debug, Clone)]
@@ -21,6 +23,10 @@ pub struct GroupOptions {
     pub kv_blocks: usize,
     /// Positions per KV block.
     pub block_size: usize,
+    /// Cores the ranks may use (`--cpus`); `None`: all of the process's.
+    pub cpus: Option<Vec<usize>>,
+    /// Counts layers loaded, over all ranks (for a progress bar).
+    pub progress: Option<Arc<AtomicUsize>>,
 }
 
 /// Positions per KV block unless a caller chooses otherwise.
@@ -34,12 +40,17 @@ impl GroupOptions {
             threads_per_rank,
             kv_blocks: positions.div_ceil(DEFAULT_BLOCK_SIZE).max(1),
             block_size: DEFAULT_BLOCK_SIZE,
+            cpus: None,
+            progress: None,
         }
     }
 
     pub fn threads_per_rank(&self) -> usize {
         self.threads_per_rank.unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let cores = match &self.cpus {
+                Some(c) => c.len(),
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            };
             (cores / self.tp.max(1)).max(1)
         })
     }
@@ -206,7 +217,7 @@ pub fn run_local<T: Send>(
 ) -> Result<T> {
     validate_tp(cfg, opts.tp)?;
     let threads_per_rank = opts.threads_per_rank();
-    let cores = affinity::assign_cores(opts.tp, threads_per_rank);
+    let cores = affinity::assign_cores(opts.tp, threads_per_rank, opts.cpus.as_deref());
     let comms = LocalGroup::create(opts.tp);
     let mut drive = Some(drive);
     std::thread::scope(|scope| {
@@ -261,7 +272,14 @@ fn run_rank<T>(
         }
         let mut comm: Box<dyn Comm> = Box::new(comm);
         let threads = Threads::new(threads_per_rank, cores)?;
-        let model = Model::load(src, cfg, opts.tp, rank_id, threads)?;
+        let model = Model::load(
+            src,
+            cfg,
+            opts.tp,
+            rank_id,
+            threads,
+            opts.progress.as_deref(),
+        )?;
         let kv = model.new_kv_cache(opts.kv_blocks, opts.block_size);
         // Every rank has its shard before any plan flows.
         comm.barrier()?;

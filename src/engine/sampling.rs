@@ -10,6 +10,12 @@ pub struct SamplingParams {
     /// 0 means no top-k limit.
     pub top_k: usize,
     pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0: off).
+    pub min_p: f32,
+    /// Subtracted from a token's logit once per earlier occurrence in the output.
+    pub frequency_penalty: f32,
+    /// Subtracted from a token's logit once if it occurred in the output.
+    pub presence_penalty: f32,
     pub seed: Option<u64>,
 }
 
@@ -19,6 +25,9 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: None,
         }
     }
@@ -35,6 +44,17 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             anyhow::bail!("top_p must be in (0, 1], got {}", self.top_p);
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            anyhow::bail!("min_p must be in [0, 1], got {}", self.min_p);
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                anyhow::bail!("{name} must be in [-2, 2], got {v}");
+            }
+        }
         Ok(())
     }
 }
@@ -43,6 +63,9 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     candidates: Vec<(u32, f32)>,
+    /// Occurrences of each token in the output so far (for the penalties).
+    counts: std::collections::HashMap<u32, u32>,
+    penalized: Vec<f32>,
 }
 
 impl Sampler {
@@ -55,10 +78,34 @@ impl Sampler {
             params,
             rng,
             candidates: Vec::new(),
+            counts: Default::default(),
+            penalized: Vec::new(),
         }
     }
 
+    /// Chooses the next token and records it for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let id = if self.counts.is_empty()
+            || (p.frequency_penalty == 0.0 && p.presence_penalty == 0.0)
+        {
+            self.choose(logits)
+        } else {
+            let mut penalized = std::mem::take(&mut self.penalized);
+            penalized.clear();
+            penalized.extend_from_slice(logits);
+            for (&id, &n) in &self.counts {
+                penalized[id as usize] -= p.frequency_penalty * n as f32 + p.presence_penalty;
+            }
+            let id = self.choose(&penalized);
+            self.penalized = penalized;
+            id
+        };
+        *self.counts.entry(id).or_insert(0) += 1;
+        id
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -92,6 +139,10 @@ impl Sampler {
             }
         }
         c.truncate(keep);
+        if p.min_p > 0.0 {
+            let floor = c[0].1 * p.min_p;
+            c.retain(|&(_, v)| v >= floor);
+        }
         let sum: f32 = c.iter().map(|(_, v)| v).sum();
         let mut r = self.rng.random::<f32>() * sum;
         for &(id, v) in c.iter() {
@@ -102,6 +153,18 @@ impl Sampler {
         }
         c[c.len() - 1].0
     }
+}
+
+/// `ln softmax(logits)[id]` for the chosen token, and the `top` most likely tokens with
+/// theirs (OpenAI's logprobs are of the model's distribution, before sampling settings).
+pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+    let best = top_logits(logits, top)
+        .into_iter()
+        .map(|(i, v)| (i, v - log_sum))
+        .collect();
+    (logits[id as usize] - log_sum, best)
 }
 
 /// The index of the largest logit; the first one on ties (as torch.argmax).
@@ -142,8 +205,8 @@ mod tests {
         let params = SamplingParams {
             temperature: 0.8,
             top_k: 1,
-            top_p: 1.0,
             seed: Some(7),
+            ..Default::default()
         };
         let mut s = Sampler::new(params.clone());
         assert_eq!(s.sample(&logits), argmax(&logits));
@@ -166,10 +229,46 @@ mod tests {
         logits[17] = 20.0;
         let mut s = Sampler::new(SamplingParams {
             temperature: 1.0,
-            top_k: 0,
             top_p: 0.5,
             seed: Some(1),
+            ..Default::default()
         });
         assert!((0..200).all(|_| s.sample(&logits) == 17));
+    }
+
+    #[test]
+    fn penalties_steer_greedy_away_from_repeats() {
+        let logits = [1.0, 0.9, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            ..Default::default()
+        });
+        // 0 wins first; then its penalty (0.5) lets 1 win; then both are penalised.
+        assert_eq!(
+            [s.sample(&logits), s.sample(&logits), s.sample(&logits)],
+            [0, 1, 0]
+        );
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let mut logits = vec![0.0; 10];
+        logits[3] = 5.0;
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            seed: Some(2),
+            ..Default::default()
+        });
+        assert!((0..100).all(|_| s.sample(&logits) == 3));
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax() {
+        let (lp, top) = logprobs(&[0.0, 1.0, 1.0], 2, 2);
+        let expected = 1.0 - (1.0f32 + 2.0 * 1.0f32.exp()).ln();
+        assert!((lp - expected).abs() < 1e-6);
+        assert_eq!(top.len(), 2);
+        assert!(top[0].1 >= top[1].1);
     }
 }

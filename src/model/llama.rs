@@ -14,6 +14,7 @@ use crate::loader::{ModelConfig, TensorSource};
 use crate::shard::{HeadShard, Partition};
 use anyhow::{bail, Result};
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 struct Layer {
     input_norm: RmsNorm,
@@ -195,6 +196,7 @@ impl Model {
         tp: usize,
         rank: usize,
         threads: Threads,
+        progress: Option<&AtomicUsize>,
     ) -> Result<Self> {
         let plan = ShardPlan::new(cfg, src, tp, rank)?;
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
@@ -269,6 +271,9 @@ impl Model {
                     plan.segment,
                 )?,
             });
+            if let Some(p) = progress {
+                p.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(Model {
             cfg: cfg.clone(),

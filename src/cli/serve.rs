@@ -1,0 +1,334 @@
+//! `tpserve serve` (also `launch_server`): SGLang's launch_server, with its flag names.
+
+use crate::engine::affinity::parse_cpu_list;
+use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
+use crate::engine::scheduler::{self, EngineHandle, SchedulerConfig, Stats};
+use crate::engine::{self, ChatTemplate, GroupOptions, Tokenizer};
+use crate::loader::{self, ModelConfig, ModelFiles};
+use crate::model::ShardPlan;
+use crate::server::{self, AppState};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// A GGUF file, or a Hugging Face model folder.
+    #[arg(long = "model-path", visible_alias = "model")]
+    pub model_path: PathBuf,
+    /// Tensor-parallel size: the number of ranks the model is split over.
+    #[arg(long = "tp-size", visible_aliases = ["tensor-parallel-size", "tp"], default_value_t = 1)]
+    pub tp: usize,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 30000)]
+    pub port: u16,
+    /// The model name clients send (default: the file or folder name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Longest prompt plus reply, in tokens (default: the model's).
+    #[arg(long)]
+    pub context_length: Option<usize>,
+    /// Requests in the running batch at most.
+    #[arg(long, default_value_t = 16)]
+    pub max_running_requests: usize,
+    /// KV cache capacity in tokens (default: from --mem-fraction-static).
+    #[arg(long)]
+    pub max_total_tokens: Option<usize>,
+    /// Fraction of the available memory the KV cache may take, when --max-total-tokens is
+    /// not given.
+    #[arg(long, default_value_t = 0.3)]
+    pub mem_fraction_static: f64,
+    /// Prompt tokens prefilled per step, across requests.
+    #[arg(long, default_value_t = 512)]
+    pub chunked_prefill_size: usize,
+    /// A Jinja chat template file to use instead of the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// Require `Authorization: Bearer <key>` on every request.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Serve Prometheus metrics at /metrics.
+    #[arg(long)]
+    pub enable_metrics: bool,
+    /// Kernel threads per rank (default: cores / tp, at least 1).
+    #[arg(long)]
+    pub threads_per_rank: Option<usize>,
+    /// Cores the ranks may use, e.g. 0-7 or 0,2,4,6 (tpserve's CUDA_VISIBLE_DEVICES).
+    #[arg(long)]
+    pub cpus: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    init_logging(&args.log_level)?;
+    if args.max_running_requests == 0 {
+        bail!("--max-running-requests must be at least 1");
+    }
+    if args.chunked_prefill_size == 0 {
+        bail!("--chunked-prefill-size must be at least 1");
+    }
+    if !(args.mem_fraction_static > 0.0 && args.mem_fraction_static <= 1.0) {
+        bail!(
+            "--mem-fraction-static must be in (0, 1], got {}",
+            args.mem_fraction_static
+        );
+    }
+    if args.threads_per_rank == Some(0) {
+        bail!("--threads-per-rank must be at least 1");
+    }
+    let cpus = args.cpus.as_deref().map(parse_cpu_list).transpose()?;
+    let files = loader::open_model(&args.model_path)?;
+    let cfg = files.config.clone();
+    validate_tp(&cfg, args.tp)?;
+    let tokenizer = Tokenizer::new(files.tokenizer.as_ref().ok_or_else(|| {
+        anyhow!(
+            "{} has no tokenizer; the server needs one",
+            args.model_path.display()
+        )
+    })?)?;
+    let chat_template = load_chat_template(&args, &files)?;
+    let context_length = match args.context_length {
+        None => cfg.max_position_embeddings,
+        Some(n) if n > cfg.max_position_embeddings => bail!(
+            "--context-length {n} is longer than the model's {}",
+            cfg.max_position_embeddings
+        ),
+        Some(0) => bail!("--context-length must be at least 1"),
+        Some(n) => n,
+    };
+    let max_total_tokens = kv_capacity(&args, &cfg, files.tensors.as_ref(), context_length)?;
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        args.model_path
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    });
+
+    let stats = Arc::new(Stats::default());
+    let (commands, command_rx) = mpsc::channel();
+    let handle = EngineHandle::new(commands, stats.clone());
+    let progress = Arc::new(AtomicUsize::new(0));
+    let opts = GroupOptions {
+        tp: args.tp,
+        threads_per_rank: args.threads_per_rank,
+        kv_blocks: max_total_tokens.div_ceil(DEFAULT_BLOCK_SIZE),
+        block_size: DEFAULT_BLOCK_SIZE,
+        cpus,
+        progress: Some(progress.clone()),
+    };
+    let sched = SchedulerConfig {
+        max_running_requests: args.max_running_requests,
+        chunked_prefill_size: args.chunked_prefill_size,
+    };
+    let mut stop_ids = cfg.eos_token_ids.clone();
+    stop_ids.extend(tokenizer.end_of_turn_ids());
+    let server_args = json!({
+        "model_path": args.model_path,
+        "served_model_name": model_name,
+        "tp_size": args.tp,
+        "threads_per_rank": opts.threads_per_rank(),
+        "context_length": context_length,
+        "max_running_requests": args.max_running_requests,
+        "max_total_tokens": opts.kv_blocks * DEFAULT_BLOCK_SIZE,
+        "chunked_prefill_size": args.chunked_prefill_size,
+        "host": args.host,
+        "port": args.port,
+        "enable_metrics": args.enable_metrics,
+    });
+    let state = Arc::new(AppState {
+        engine: handle.clone(),
+        tokenizer,
+        chat_template,
+        model_name: model_name.clone(),
+        model_path: args.model_path.display().to_string(),
+        context_length,
+        vocab_size: cfg.vocab_size,
+        api_key: args.api_key.clone(),
+        enable_metrics: args.enable_metrics,
+        server_args,
+        stop_ids,
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let address = format!("{}:{}", args.host, args.port);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&address))
+        .with_context(|| {
+            format!("cannot listen on {address}: is another server using the port? (--port)")
+        })?;
+
+    // The engine: tp ranks as threads; rank 0 runs the scheduler until shutdown.
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    let engine_thread = std::thread::Builder::new()
+        .name("tpserve-engine".into())
+        .spawn(move || {
+            let ModelFiles {
+                tensors, config, ..
+            } = files;
+            let result = engine::run_local(tensors.as_ref(), &config, &opts, |driver| {
+                let _ = ready_tx.send(());
+                scheduler::run(driver, &sched, command_rx, &stats)
+            });
+            let _ = done_tx.send(result);
+        })?;
+    if !show_loading(&progress, cfg.num_layers * args.tp, &ready_rx) {
+        let _ = engine_thread.join();
+        let result = runtime
+            .block_on(done_rx)
+            .unwrap_or_else(|_| Err(anyhow!("the engine stopped")));
+        return result.context("the model could not be loaded");
+    }
+    tracing::info!(
+        "tpserve ready on http://{address} (model {model_name}, tp {}, {} KV tokens)",
+        args.tp,
+        max_total_tokens
+    );
+    let app = server::router(state);
+    let result = runtime.block_on(async move {
+        let mut done_rx = done_rx;
+        let engine_failed = tokio::select! {
+            served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()) => {
+                served.context("the HTTP server failed")?;
+                None
+            }
+            result = &mut done_rx => Some(result),
+        };
+        match engine_failed {
+            Some(Ok(Err(e))) => Err(e.context("the engine failed")),
+            Some(_) => Err(anyhow!("the engine stopped unexpectedly")),
+            None => Ok(()),
+        }
+    });
+    tracing::info!("shutting down");
+    handle.shutdown();
+    let _ = engine_thread.join();
+    result
+}
+
+fn init_logging(level: &str) -> Result<()> {
+    let filter = match level {
+        "error" | "warn" | "warning" | "info" | "debug" | "trace" => {
+            level.replace("warning", "warn")
+        }
+        other => bail!("--log-level {other} is not one of error, warn, info, debug, trace"),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+    Ok(())
+}
+
+fn load_chat_template(args: &ServeArgs, files: &ModelFiles) -> Result<Option<ChatTemplate>> {
+    let (bos, eos) = files
+        .chat_template
+        .as_ref()
+        .map_or((String::new(), String::new()), |t| {
+            (t.bos_token.clone(), t.eos_token.clone())
+        });
+    match (&args.chat_template, &files.chat_template) {
+        (Some(path), _) => {
+            let source = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the chat template {}", path.display()))?;
+            Ok(Some(ChatTemplate::new(&source, &bos, &eos)?))
+        }
+        (None, Some(t)) => Ok(Some(ChatTemplate::new(&t.source, &bos, &eos)?)),
+        (None, None) => {
+            tracing::warn!("the model has no chat template: /v1/chat/completions will refuse requests (see --chat-template)");
+            Ok(None)
+        }
+    }
+}
+
+/// KV cache capacity in tokens: --max-total-tokens, or what --mem-fraction-static of the
+/// available memory holds (all ranks' kv heads together), at most enough for every running
+/// request at full context.
+fn kv_capacity(
+    args: &ServeArgs,
+    cfg: &ModelConfig,
+    src: &dyn loader::TensorSource,
+    context_length: usize,
+) -> Result<usize> {
+    if let Some(n) = args.max_total_tokens {
+        if n == 0 {
+            bail!("--max-total-tokens must be at least 1");
+        }
+        return Ok(n);
+    }
+    let mut per_token = 0;
+    for rank in 0..args.tp {
+        per_token +=
+            cfg.kv_bytes_per_token(ShardPlan::new(cfg, src, args.tp, rank)?.heads.num_kv());
+    }
+    let available = available_memory().unwrap_or(4 << 30);
+    let fits = (available as f64 * args.mem_fraction_static) as usize / per_token.max(1);
+    let wanted = args.max_running_requests * context_length;
+    if fits < DEFAULT_BLOCK_SIZE {
+        bail!(
+            "{:.1} GiB of memory leaves no room for the KV cache ({per_token} bytes per token); \
+             raise --mem-fraction-static or give --max-total-tokens",
+            available as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(fits.min(wanted))
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A progress bar over the layers loaded by all ranks, until the engine is ready (true) or
+/// stops (false).
+fn show_loading(progress: &AtomicUsize, total: usize, ready: &mpsc::Receiver<()>) -> bool {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        bar.set_position(progress.load(Ordering::Relaxed) as u64);
+        match ready.recv_timeout(Duration::from_millis(100)) {
+            Ok(()) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bar.abandon();
+                return false;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    true
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("signal received: finishing in-flight requests");
+}

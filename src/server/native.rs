@@ -1,0 +1,303 @@
+//! SGLang-native endpoints: /generate, /health, /health_generate, /get_model_info,
+//! /get_server_info, /flush_cache, and Prometheus /metrics.
+
+use super::text::TextStream;
+use super::{complete, new_id, parse_body, ApiError, SamplingRequest, Shared};
+use crate::engine::scheduler::{Event, Histogram};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+#[derive(Deserialize)]
+struct GenerateRequest {
+    text: Option<String>,
+    input_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    sampling_params: NativeSampling,
+    stream: Option<bool>,
+    return_logprob: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+struct NativeSampling {
+    max_new_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    seed: Option<u64>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    stop: Option<StopField>,
+    ignore_eos: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+pub async fn generate(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: GenerateRequest = parse_body(body)?;
+    let ids = match (req.text, req.input_ids) {
+        (Some(text), None) => state
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        (None, Some(ids)) => {
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= state.vocab_size) {
+                return Err(ApiError::param(
+                    "input_ids",
+                    format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        state.vocab_size
+                    ),
+                ));
+            }
+            ids
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `text` and `input_ids`",
+            ))
+        }
+    };
+    let s = req.sampling_params;
+    let stop = match s.stop {
+        None => vec![],
+        Some(StopField::One(x)) => vec![x],
+        Some(StopField::Many(v)) => v,
+    };
+    let sampling = SamplingRequest {
+        max_tokens: s.max_new_tokens,
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        min_p: s.min_p,
+        seed: s.seed,
+        frequency_penalty: s.frequency_penalty,
+        presence_penalty: s.presence_penalty,
+        stop: stop.clone(),
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+        logprobs: req.return_logprob.unwrap_or(false).then_some(0),
+    };
+    let params = state.generation_params(ids.len(), &sampling)?;
+    let id = new_id("gen");
+    let prompt_tokens = ids.len();
+    let meta = move |id: &str, completion: usize, finish: Option<&str>| {
+        json!({
+            "id": id,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "finish_reason": finish.map(|f| json!({"type": f})),
+        })
+    };
+    if !req.stream.unwrap_or(false) {
+        let c = complete(&state, ids, params, &stop).await?;
+        let mut body = json!({
+            "text": c.text,
+            "output_ids": c.ids,
+            "meta_info": meta(&id, c.ids.len(), Some(c.finish_reason)),
+        });
+        if sampling.logprobs.is_some() {
+            body["meta_info"]["output_token_logprobs"] = c
+                .logprobs
+                .iter()
+                .map(|(t, lp)| json!([lp.logprob, t]))
+                .collect();
+        }
+        return Ok(Json(body).into_response());
+    }
+    let mut events = state.engine.submit(ids, params).map_err(|e| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: e.to_string(),
+        param: None,
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+    tokio::spawn(async move {
+        let mut text = TextStream::new(&state.tokenizer, &stop);
+        let (mut all, mut out_ids) = (String::new(), Vec::new());
+        while let Some(event) = events.recv().await {
+            let finish = match event {
+                Event::Token { id: tok, .. } => {
+                    out_ids.push(tok);
+                    all.push_str(&text.push(tok));
+                    text.stopped().then_some("stop")
+                }
+                Event::Finished { stop } => {
+                    all.push_str(&text.finish());
+                    Some(if stop { "stop" } else { "length" })
+                }
+                Event::Failed(message) => {
+                    let _ = tx
+                        .send(json!({"error": {"message": message}}).to_string())
+                        .await;
+                    break;
+                }
+            };
+            let body = json!({"text": all, "output_ids": out_ids, "meta_info": meta(&id, out_ids.len(), finish)});
+            if tx.send(body.to_string()).await.is_err() || finish.is_some() {
+                break;
+            }
+        }
+        let _ = tx.send("[DONE]".to_owned()).await;
+    });
+    let stream = ReceiverStream::new(rx).map(|d| Ok::<_, Infallible>(SseEvent::default().data(d)));
+    Ok(Sse::new(stream).into_response())
+}
+
+pub async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Healthy only if the engine generates a token.
+pub async fn health_generate(State(state): State<Shared>) -> Result<StatusCode, ApiError> {
+    let sampling = SamplingRequest {
+        max_tokens: Some(1),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let params = state.generation_params(1, &sampling)?;
+    complete(&state, vec![0], params, &[]).await?;
+    Ok(StatusCode::OK)
+}
+
+pub async fn model_info(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({
+        "model_path": state.model_path,
+        "tokenizer_path": state.model_path,
+        "served_model_name": state.model_name,
+        "is_generation": true,
+    }))
+}
+
+pub async fn server_info(State(state): State<Shared>) -> Json<Value> {
+    let s = &state.engine.stats;
+    let (used, total, bs) = (
+        s.used_blocks.load(Ordering::Relaxed),
+        s.total_blocks.load(Ordering::Relaxed),
+        s.block_size.load(Ordering::Relaxed),
+    );
+    let mut info = state.server_args.clone();
+    info["kv_cache"] = json!({
+        "block_size": bs,
+        "total_blocks": total,
+        "used_blocks": used,
+        "total_tokens": total * bs,
+        "used_tokens": used * bs,
+    });
+    info["running_requests"] = json!(s.running.load(Ordering::Relaxed));
+    info["waiting_requests"] = json!(s.waiting.load(Ordering::Relaxed));
+    Json(info)
+}
+
+/// tpserve keeps no prefix cache yet, so there is nothing to flush; this succeeds so that
+/// SGLang tooling that calls it keeps working.
+pub async fn flush_cache() -> &'static str {
+    "Cache flushed (tpserve keeps no prefix cache: KV blocks are freed when requests end).\n"
+}
+
+pub async fn metrics(State(state): State<Shared>) -> Response {
+    if !state.enable_metrics {
+        return ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: "metrics are off: start the server with --enable-metrics".into(),
+            param: None,
+        }
+        .into_response();
+    }
+    let s = &state.engine.stats;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP tpserve_{name} {help}\n# TYPE tpserve_{name} {kind}\ntpserve_{name} {value}"
+        );
+    };
+    let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as f64;
+    let (used, total) = (load(&s.used_blocks), load(&s.total_blocks));
+    metric(
+        "requests_total",
+        "counter",
+        "Requests received.",
+        s.requests_total.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens prefilled.",
+        s.prompt_tokens_total.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "generation_tokens_total",
+        "counter",
+        "Tokens generated.",
+        s.generation_tokens_total.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "num_running_reqs",
+        "gauge",
+        "Requests in the running batch.",
+        load(&s.running),
+    );
+    metric(
+        "num_queue_reqs",
+        "gauge",
+        "Requests waiting for admission.",
+        load(&s.waiting),
+    );
+    metric("kv_used_blocks", "gauge", "KV cache blocks in use.", used);
+    metric("kv_total_blocks", "gauge", "KV cache blocks in all.", total);
+    metric(
+        "token_usage",
+        "gauge",
+        "Fraction of the KV cache in use.",
+        if total > 0.0 { used / total } else { 0.0 },
+    );
+    let hist = |out: &mut String, name: &str, help: &str, h: &Histogram| {
+        let _ = writeln!(
+            out,
+            "# HELP tpserve_{name} {help}\n# TYPE tpserve_{name} histogram"
+        );
+        for (b, c) in h.bounds.iter().zip(&h.counts) {
+            let _ = writeln!(out, "tpserve_{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "tpserve_{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(
+            out,
+            "tpserve_{name}_sum {}\ntpserve_{name}_count {}",
+            h.sum, h.count
+        );
+    };
+    let lock =
+        |m: &std::sync::Mutex<Histogram>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    hist(
+        &mut out,
+        "time_to_first_token_seconds",
+        "Time from admission to the first token.",
+        &lock(&s.time_to_first_token),
+    );
+    hist(
+        &mut out,
+        "inter_token_latency_seconds",
+        "Time between a request's tokens.",
+        &lock(&s.inter_token_latency),
+    );
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}

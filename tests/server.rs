@@ -1,0 +1,514 @@
+//! A real `tpserve serve` on a free loopback port, driven over HTTP like a client would.
+
+mod common;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server process, killed when dropped (also when a test fails).
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start(extra: &[&str]) -> Server {
+    let port = free_port();
+    let model = common::smollm2();
+    let child = Command::new(env!("CARGO_BIN_EXE_tpserve"))
+        .args([
+            "serve",
+            "--model-path",
+            model.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{}/health", server.base)).send().await {
+            if r.status().is_success() {
+                return server;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the server did not become healthy");
+}
+
+async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The `data:` payloads of a server-sent event stream.
+async fn stream(base: &str, path: &str, body: Value) -> Vec<String> {
+    let r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn streamed_text(events: &[String], field: &str) -> String {
+    events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|v| {
+            let c = v["choices"].get(0)?;
+            let t = if field == "delta" {
+                &c["delta"]["content"]
+            } else {
+                &c["text"]
+            };
+            t.as_str().map(str::to_owned)
+        })
+        .collect()
+}
+
+const CHAT_Q: &str = "What is the capital of France?";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_and_native_apis_at_tp_2() {
+    let s = start(&[
+        "--tp",
+        "2",
+        "--enable-metrics",
+        "--context-length",
+        "256",
+        "--max-total-tokens",
+        "1024",
+    ])
+    .await;
+    let b = &s.base;
+
+    // Completion: " Paris" first; usage counts the 5 prompt tokens and the 8 new ones.
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+    let (status, v) = post(b, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_owned();
+    assert!(text.starts_with(" Paris"), "{text:?}");
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13})
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let events = stream(b, "/v1/completions", streaming).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(streamed_text(&events, "text"), text, "streamed completion");
+
+    // Chat: the same reply as `tpserve generate --chat` at tp 1.
+    let cli = common::tpserve_json(&[
+        "generate",
+        "--model",
+        common::smollm2().to_str().unwrap(),
+        "--tp",
+        "1",
+        "--json",
+        "--chat",
+        CHAT_Q,
+        "--max-new-tokens",
+        "40",
+    ]);
+    let chat = json!({"messages": [{"role": "user", "content": CHAT_Q}], "max_tokens": 40, "temperature": 0});
+    let (status, v) = post(b, "/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    let reply = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(reply, cli["text"].as_str().unwrap());
+    assert_eq!(v["usage"]["prompt_tokens"], 37);
+    let completion_tokens = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        completion_tokens as usize,
+        cli["output_ids"].as_array().unwrap().len()
+    );
+    let mut streaming = chat.clone();
+    streaming["stream"] = json!(true);
+    streaming["stream_options"] = json!({"include_usage": true});
+    let events = stream(b, "/v1/chat/completions", streaming).await;
+    assert_eq!(streamed_text(&events, "delta"), reply, "streamed chat");
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], completion_tokens);
+
+    // SGLang's /generate, streaming (cumulative text) and not.
+    let body = json!({"text": "The capital of France is", "sampling_params": {"max_new_tokens": 8, "temperature": 0}});
+    let (status, v) = post(b, "/generate", body.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["text"], text);
+    assert_eq!(v["meta_info"]["completion_tokens"], 8);
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    let events = stream(b, "/generate", streaming).await;
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["text"], text);
+
+    // Stop strings end the text before them; n gives several choices; logprobs come back.
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+        "stop": ["answer"], "n": 2, "logprobs": 3});
+    let (status, v) = post(b, "/v1/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][0]["text"], " Paris.\n\nThe ");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["choices"][0]["logprobs"]["top_logprobs"][0]
+            .as_object()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // Models, model info, server info.
+    let models: Value = reqwest::get(format!("{b}/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(name, "SmolLM2-135M-Instruct.Q4_1.gguf");
+    let info: Value = reqwest::get(format!("{b}/get_model_info"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["is_generation"], true);
+    assert_eq!(
+        reqwest::get(format!("{b}/health_generate"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+
+    check_bad_requests(b, &name).await;
+    check_batching(b).await;
+    check_over_capacity(b).await;
+    check_disconnect_frees_blocks(b).await;
+
+    let metrics = reqwest::get(format!("{b}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "tpserve_requests_total",
+        "tpserve_num_queue_reqs",
+        "tpserve_token_usage",
+        "tpserve_time_to_first_token_seconds_bucket",
+        "tpserve_inter_token_latency_seconds_count",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}");
+    }
+}
+
+/// Each bad request: an OpenAI-style error with the right status, and the server serves on.
+async fn check_bad_requests(b: &str, model: &str) {
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"max_tokens": 2}),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": "hi"}),
+            400,
+            "invalid type",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": 0})),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": -3})),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"temperature": -0.5})),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"top_p": 0.0})),
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"top_p": 1.5})),
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"temperature": "hot"})),
+            400,
+            "invalid type",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"model": "no-such-model"})),
+            404,
+            "no-such-model",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "word ".repeat(400), "max_tokens": 2}),
+            400,
+            "context length",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [1, 2, 99999999]}),
+            400,
+            "vocabulary",
+        ),
+        ("/generate", json!({"sampling_params": {}}), 400, "text"),
+    ];
+    for (path, body, status, needle) in cases {
+        let (got, v) = post(b, path, body.clone()).await;
+        assert_eq!(got, status, "{path} {body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{path} {body}: {message:?} lacks {needle:?}"
+        );
+    }
+    let client = reqwest::Client::new();
+    let raw = client
+        .post(format!("{b}/v1/chat/completions"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 400);
+    let v: Value = raw.json().await.unwrap();
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid request body"));
+    let huge = client
+        .post(format!("{b}/v1/completions"))
+        .body(vec![b' '; 9 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
+    let v: Value = huge.json().await.unwrap();
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("larger than the limit"));
+    // Still serving, by the model's own name too.
+    let (status, _) = post(b, "/v1/chat/completions", chat(json!({"model": model}))).await;
+    assert_eq!(status, 200);
+}
+
+fn story(i: usize) -> Value {
+    json!({"prompt": format!("Story {i}: once upon a time"), "max_tokens": 24, "temperature": 0})
+}
+
+/// Eight concurrent greedy requests give what they give one at a time, in less total time.
+async fn check_batching(b: &str) {
+    let start = Instant::now();
+    let mut alone = vec![];
+    for i in 0..8 {
+        let (_, v) = post(b, "/v1/completions", story(i)).await;
+        alone.push(v["choices"][0]["text"].as_str().unwrap().to_owned());
+    }
+    let sequential = start.elapsed();
+    let start = Instant::now();
+    let together =
+        futures_util::future::join_all((0..8).map(|i| post(b, "/v1/completions", story(i)))).await;
+    let concurrent = start.elapsed();
+    for (i, (_, v)) in together.iter().enumerate() {
+        assert_eq!(
+            v["choices"][0]["text"].as_str().unwrap(),
+            alone[i],
+            "request {i}"
+        );
+    }
+    assert!(
+        concurrent < sequential,
+        "batched {concurrent:?} vs one at a time {sequential:?}"
+    );
+}
+
+/// More work than the KV cache holds at once: requests wait for blocks, none is lost.
+async fn check_over_capacity(b: &str) {
+    // 1024 KV tokens; each of these needs 8 + 200 positions: at most four run at once.
+    let body = |i: usize| {
+        json!({"prompt": format!("Count {i}: one two three"), "max_tokens": 200,
+        "temperature": 0.7, "seed": i, "ignore_eos": true})
+    };
+    let all =
+        futures_util::future::join_all((0..10).map(|i| post(b, "/v1/completions", body(i)))).await;
+    for (status, v) in all {
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 200);
+    }
+}
+
+/// A client that leaves a stream half-way: its request is cancelled and its blocks freed.
+async fn check_disconnect_frees_blocks(b: &str) {
+    let body = json!({"prompt": "Tell me a long story", "max_tokens": 200, "ignore_eos": true, "stream": true});
+    let r = reqwest::Client::new()
+        .post(format!("{b}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut chunks = r.bytes_stream();
+    for _ in 0..3 {
+        chunks.next().await.unwrap().unwrap();
+    }
+    let info = |b: String| async move {
+        let v: Value = reqwest::get(format!("{b}/get_server_info"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            v["running_requests"].as_u64().unwrap(),
+            v["kv_cache"]["used_blocks"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(info(b.to_owned()).await.0, 1, "the stream's request runs");
+    drop(chunks);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if info(b.to_owned()).await == (0, 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks were not freed after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_is_required_when_set() {
+    let s = start(&["--api-key", "sekret", "--max-total-tokens", "256"]).await;
+    let client = reqwest::Client::new();
+    let body = json!({"prompt": "hi", "max_tokens": 1});
+    let url = format!("{}/v1/completions", s.base);
+    let r = client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = client
+        .post(&url)
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "authentication_error");
+    let r = client
+        .post(&url)
+        .bearer_auth("sekret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--tp", "0"], "--tp"),
+        (vec!["--tp", "10"], "attention heads"),
+        (vec!["--cpus", "5-2"], "backwards"),
+        (
+            vec!["--mem-fraction-static", "1.5"],
+            "--mem-fraction-static",
+        ),
+        (vec!["--context-length", "100000"], "--context-length"),
+        (vec!["--log-level", "loud"], "--log-level"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tpserve"))
+            .args([
+                "serve",
+                "--model-path",
+                model,
+                "--port",
+                &free_port().to_string(),
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
