@@ -468,6 +468,37 @@ async fn api_key_is_required_when_set() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
+/// SIGINT: stop accepting, finish the request in flight, exit 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_finishes_in_flight_work_and_exits_cleanly() {
+    let mut s = start(&["--tp", "2", "--max-total-tokens", "512"]).await;
+    let body = json!({"prompt": "Hello", "max_tokens": 60, "ignore_eos": true});
+    let base = s.base.clone();
+    let in_flight = tokio::spawn(async move { post(&base, "/v1/completions", body).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (status, v) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 60);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(exit) = s.child.try_wait().unwrap() {
+            assert!(exit.success(), "exit status {exit}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit after SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn bad_flags_are_clear_errors() {
     let model = common::smollm2();

@@ -1,5 +1,6 @@
 //! Command-line front end: parse, call the library, print. Thin on purpose.
 
+mod bench_serving;
 mod generate;
 mod perplexity;
 mod serve;
@@ -26,6 +27,8 @@ pub enum Command {
     /// Serve the model over HTTP: OpenAI and SGLang APIs (SGLang's launch_server).
     #[command(alias = "launch_server")]
     Serve(serve::ServeArgs),
+    /// Load-test a running server (SGLang's bench_serving): throughput, TTFT, ITL.
+    BenchServing(bench_serving::BenchServingArgs),
 }
 
 /// Runs a parsed command line.
@@ -34,5 +37,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::BenchServing(args) => bench_serving::run(args),
     }
 }

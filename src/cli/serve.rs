@@ -222,9 +222,11 @@ fn init_logging(level: &str) -> Result<()> {
         }
         other => bail!("--log-level {other} is not one of error, warn, info, debug, trace"),
     };
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     Ok(())
 }

@@ -1,0 +1,220 @@
+//! `tpserve bench-serving`: SGLang's bench_serving against any OpenAI-compatible server.
+//! Random-token prompts, streamed completions, fixed concurrency; reports throughput, time
+//! to first token and inter-token latency.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use futures_util::StreamExt;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct BenchServingArgs {
+    #[arg(long, default_value = "http://127.0.0.1:30000")]
+    pub base_url: String,
+    #[arg(long, default_value_t = 32)]
+    pub num_prompts: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Prompt length in tokens (random ids).
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    /// Tokens generated per request (end-of-sequence ignored).
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// Token ids of the random prompts are drawn from 1000..1000+range.
+    #[arg(long, default_value_t = 8000)]
+    pub id_range: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub api_key: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One request's timings.
+struct Sample {
+    ttft: Duration,
+    gaps: Vec<Duration>,
+    output_tokens: usize,
+}
+
+pub fn run(args: BenchServingArgs) -> Result<()> {
+    if args.num_prompts == 0 || args.concurrency == 0 || args.input_len == 0 || args.output_len == 0
+    {
+        bail!("--num-prompts, --concurrency, --input-len and --output-len must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(bench(args))
+}
+
+async fn bench(args: BenchServingArgs) -> Result<()> {
+    let client = reqwest::Client::new();
+    let base = args.base_url.trim_end_matches('/').to_owned();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let prompts: Vec<Vec<u32>> = (0..args.num_prompts)
+        .map(|_| {
+            (0..args.input_len)
+                .map(|_| 1000 + rng.random_range(0..args.id_range))
+                .collect()
+        })
+        .collect();
+    let limit = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+    let start = Instant::now();
+    let tasks: Vec<_> = prompts
+        .into_iter()
+        .map(|prompt| {
+            let (client, base, limit) = (client.clone(), base.clone(), limit.clone());
+            let (output_len, key) = (args.output_len, args.api_key.clone());
+            tokio::spawn(async move {
+                let _slot = limit.acquire_owned().await?;
+                one_request(&client, &base, prompt, output_len, key.as_deref()).await
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.push(
+            t.await
+                .map_err(|e| anyhow!("a request task failed: {e}"))??,
+        );
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    report(&args, &samples, elapsed)
+}
+
+async fn one_request(
+    client: &reqwest::Client,
+    base: &str,
+    prompt: Vec<u32>,
+    output_len: usize,
+    key: Option<&str>,
+) -> Result<Sample> {
+    let body = json!({"prompt": prompt, "max_tokens": output_len, "temperature": 0,
+        "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+    let mut request = client.post(format!("{base}/v1/completions")).json(&body);
+    if let Some(k) = key {
+        request = request.bearer_auth(k);
+    }
+    let sent = Instant::now();
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    if !response.status().is_success() {
+        let status = response.status();
+        bail!(
+            "{base} answered {status}: {}",
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let mut stream = response.bytes_stream();
+    let (mut buffer, mut last, mut ttft, mut gaps, mut tokens) =
+        (Vec::new(), None, None, Vec::new(), 0);
+    while let Some(chunk) = stream.next().await {
+        buffer.extend_from_slice(&chunk?);
+        while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let Some(data) = line.strip_prefix(b"data: ") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<Value>(data) else {
+                continue;
+            };
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n as usize;
+            }
+            let has_text = v["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty());
+            if has_text {
+                let now = Instant::now();
+                match last {
+                    None => ttft = Some(now - sent),
+                    Some(t) => gaps.push(now - t),
+                }
+                last = Some(now);
+            }
+        }
+    }
+    Ok(Sample {
+        ttft: ttft.ok_or_else(|| anyhow!("a request produced no text"))?,
+        gaps,
+        output_tokens: tokens,
+    })
+}
+
+fn report(args: &BenchServingArgs, samples: &[Sample], elapsed: f64) -> Result<()> {
+    let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft.as_secs_f64() * 1e3).collect();
+    let mut itl: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
+        .collect();
+    let output: usize = samples.iter().map(|s| s.output_tokens).sum();
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let mean = if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        json!({"mean": mean, "p50": pick(0.5), "p99": pick(0.99)})
+    };
+    let result = json!({
+        "num_prompts": args.num_prompts,
+        "concurrency": args.concurrency,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "duration_s": elapsed,
+        "request_throughput": samples.len() as f64 / elapsed,
+        "output_tokens_per_s": output as f64 / elapsed,
+        "total_tokens_per_s": (output + samples.len() * args.input_len) as f64 / elapsed,
+        "ttft_ms": stats(&mut ttft),
+        "itl_ms": stats(&mut itl),
+    });
+    if args.json {
+        println!("{result}");
+        return Ok(());
+    }
+    let ms = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!(
+        "requests {} at concurrency {}, {} in + {} out tokens each, {:.2} s",
+        args.num_prompts, args.concurrency, args.input_len, args.output_len, elapsed
+    );
+    println!(
+        "request throughput   {:>10.2} req/s",
+        ms(&result, "request_throughput")
+    );
+    println!(
+        "output tokens        {:>10.1} tok/s",
+        ms(&result, "output_tokens_per_s")
+    );
+    println!(
+        "total tokens         {:>10.1} tok/s",
+        ms(&result, "total_tokens_per_s")
+    );
+    for (name, key) in [
+        ("time to first token", "ttft_ms"),
+        ("inter-token latency", "itl_ms"),
+    ] {
+        let v = &result[key];
+        println!(
+            "{name:<20} mean {:>8.2} ms   p50 {:>8.2} ms   p99 {:>8.2} ms",
+            ms(v, "mean"),
+            ms(v, "p50"),
+            ms(v, "p99")
+        );
+    }
+    Ok(())
+}
