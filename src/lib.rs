@@ -13,5 +13,6 @@ pub mod kernels;
 pub mod layers;
 pub mod loader;
 pub mod model;
+pub mod plan;
 pub mod server;
 pub mod shard;

@@ -3,6 +3,7 @@
 mod bench_serving;
 mod generate;
 mod perplexity;
+mod plan;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Load-test a running server (SGLang's bench_serving): throughput, TTFT, ITL.
     BenchServing(bench_serving::BenchServingArgs),
+    /// Memory and communication per tp size, and the recommended tp (from a model or preset).
+    Plan(plan::PlanArgs),
 }
 
 /// Runs a parsed command line.
@@ -38,5 +41,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(args) => perplexity::run(args),
         Command::Serve(args) => serve::run(args),
         Command::BenchServing(args) => bench_serving::run(args),
+        Command::Plan(args) => plan::run(args),
     }
 }

@@ -5,7 +5,7 @@ use crate::model::{Logits, SeqStep};
 use anyhow::{bail, ensure, Result};
 
 const FORWARD: u8 = 0;
-const REPORT_WEIGHTS: u8 = 1;
+const REPORT_MEMORY: u8 = 1;
 const STOP: u8 = 2;
 
 /// Serialises a forward step into `out` (cleared first; its capacity is reused).
@@ -35,9 +35,9 @@ pub fn encode_forward(seqs: &[SeqStep], out: &mut Vec<u8>) {
     }
 }
 
-pub fn encode_report_weights(out: &mut Vec<u8>) {
+pub fn encode_report_memory(out: &mut Vec<u8>) {
     out.clear();
-    out.push(REPORT_WEIGHTS);
+    out.push(REPORT_MEMORY);
 }
 
 pub fn encode_stop(out: &mut Vec<u8>) {
@@ -49,7 +49,8 @@ pub fn encode_stop(out: &mut Vec<u8>) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanKind {
     Forward,
-    ReportWeights,
+    /// Each rank reports its weight bytes and KV bytes per token.
+    ReportMemory,
     Stop,
 }
 
@@ -143,7 +144,7 @@ impl ReceivedPlan {
                 ensure!(r.at == bytes.len(), "malformed step plan: trailing bytes");
                 Ok(PlanKind::Forward)
             }
-            Some(&REPORT_WEIGHTS) => Ok(PlanKind::ReportWeights),
+            Some(&REPORT_MEMORY) => Ok(PlanKind::ReportMemory),
             Some(&STOP) => Ok(PlanKind::Stop),
             _ => bail!("malformed step plan of {} bytes", bytes.len()),
         }

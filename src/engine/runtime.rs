@@ -151,19 +151,46 @@ impl Driver<'_> {
         self.rank.comm.broadcast(&mut self.plan, 0)
     }
 
-    /// Weight bytes held by each rank (gathered from all ranks).
-    pub fn weight_bytes_per_rank(&mut self) -> Result<Vec<usize>> {
-        plan::encode_report_weights(&mut self.plan);
+    /// What each rank holds: weight bytes, and KV cache bytes per token.
+    pub fn memory_per_rank(&mut self) -> Result<Vec<RankMemory>> {
+        plan::encode_report_memory(&mut self.plan);
         self.rank.comm.broadcast(&mut self.plan, 0)?;
-        gather_weight_bytes(self.rank)
+        gather_memory(self.rank)
+    }
+
+    /// Weight bytes held by each rank.
+    pub fn weight_bytes_per_rank(&mut self) -> Result<Vec<usize>> {
+        Ok(self
+            .memory_per_rank()?
+            .iter()
+            .map(|m| m.weight_bytes)
+            .collect())
     }
 }
 
-fn gather_weight_bytes(rank: &mut Rank) -> Result<Vec<usize>> {
-    let mine = [rank.model.weight_bytes() as f32];
-    let mut all = vec![];
-    rank.comm.all_gather(&mine, &mut all)?;
-    Ok(all.iter().map(|&b| b as usize).collect())
+/// One rank's resident model memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankMemory {
+    pub weight_bytes: usize,
+    pub kv_bytes_per_token: usize,
+}
+
+/// Every rank's [`RankMemory`], exactly: each fills its own slots and an integer
+/// all-reduce assembles them.
+fn gather_memory(rank: &mut Rank) -> Result<Vec<RankMemory>> {
+    let (r, n) = (rank.comm.rank(), rank.comm.size());
+    let mut all = vec![0i64; 2 * n];
+    let kv = &rank.kv;
+    all[2 * r] = rank.model.weight_bytes() as i64;
+    all[2 * r + 1] = (kv.bytes() / (kv.num_blocks() * kv.block_size())) as i64;
+    rank.comm.all_reduce_sum_i64(&mut all)?;
+    Ok(all
+        .chunks_exact(2)
+        .map(|m| RankMemory {
+            weight_bytes: m[0] as usize,
+            kv_bytes_per_token: m[1] as usize,
+        })
+        .collect())
 }
 
 /// The forward pass every rank runs for a step; the ranks' logits are gathered into
@@ -198,8 +225,8 @@ fn worker_loop(rank: &mut Rank) -> Result<()> {
         rank.comm.broadcast(&mut bytes, 0)?;
         match plan.decode(&bytes)? {
             PlanKind::Forward => execute_forward(rank, &plan.seqs(), &mut gathered)?,
-            PlanKind::ReportWeights => {
-                gather_weight_bytes(rank)?;
+            PlanKind::ReportMemory => {
+                gather_memory(rank)?;
             }
             PlanKind::Stop => return Ok(()),
         }

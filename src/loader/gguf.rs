@@ -512,6 +512,14 @@ impl TensorSource for GgufSource {
         self.info(name).map_or(1, |(t, _)| t.ty.block().0)
     }
 
+    fn slice_bytes(&self, name: &str, rows: usize, cols: usize) -> Result<usize> {
+        let (t, _) = self
+            .info(name)
+            .ok_or_else(|| anyhow!("the model file has no tensor for `{name}`"))?;
+        let (block_elems, block_bytes) = t.ty.block();
+        Ok(rows * cols.div_ceil(block_elems) * block_bytes)
+    }
+
     fn read_block(&self, name: &str, rows: Range<usize>, cols: Range<usize>) -> Result<Storage> {
         let (t, gguf) = self
             .info(name)

@@ -29,6 +29,9 @@ pub trait TensorSource: Send + Sync {
         1
     }
 
+    /// Bytes a `rows × cols` slice of the tensor takes in its stored format.
+    fn slice_bytes(&self, name: &str, rows: usize, cols: usize) -> Result<usize>;
+
     /// Whether the tensor exists.
     fn contains(&self, name: &str) -> bool {
         self.shape(name).is_some()

@@ -104,6 +104,14 @@ impl TensorSource for SafetensorsSource {
         self.tensors.get(name).map(|t| t.shape.clone())
     }
 
+    fn slice_bytes(&self, name: &str, rows: usize, cols: usize) -> Result<usize> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("the model file has no tensor `{name}`"))?;
+        Ok(rows * cols * t.dtype.bitsize() / 8)
+    }
+
     fn read_block(&self, name: &str, rows: Range<usize>, cols: Range<usize>) -> Result<Storage> {
         let t = self
             .tensors

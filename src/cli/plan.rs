@@ -1,0 +1,161 @@
+//! `tpserve plan`: memory, communication and speed per tensor-parallel size, and the
+//! recommended size, from a model file or a preset.
+
+use crate::loader;
+use crate::plan::{self, Link, PlanRequest, ShapeSource, WeightDtype};
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// A GGUF file or Hugging Face folder to plan for.
+    #[arg(long, alias = "model-path", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// A named model: llama-3.1-8b, llama-2-13b, codellama-34b, llama-3.1-70b,
+    /// llama-3.1-405b, qwen2.5-7b, qwen2.5-72b, mistral-7b.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Memory of one device, e.g. 24GiB, 80GB.
+    #[arg(long)]
+    pub device_memory: String,
+    /// The tp sizes to consider.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    pub devices: Vec<usize>,
+    /// bf16, fp8, q8_0, q4_0, or as-is (the file's formats; bf16 for presets).
+    #[arg(long, default_value = "as-is")]
+    pub weight_dtype: String,
+    /// Tokens of context per sequence.
+    #[arg(long, default_value_t = 8192)]
+    pub context_length: usize,
+    /// Sequences decoded together, each with a full context of KV cache.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// nvlink, pcie, ethernet, shared-memory, or custom:LAT_US,GBPS.
+    #[arg(long, default_value = "shared-memory")]
+    pub link: String,
+    /// Each device's memory read bandwidth in GB/s (default: the link kind's typical one).
+    #[arg(long)]
+    pub memory_bandwidth: Option<f64>,
+    /// Bytes per KV value: 4 (f32, tpserve's), 2 (bf16/f16), 1 (fp8).
+    #[arg(long, default_value_t = 4)]
+    pub kv_bytes: usize,
+    /// Bytes per all-reduced activation: 8 (tpserve's fixed-point), 4 (f32), 2 (bf16).
+    #[arg(long, default_value_t = 8)]
+    pub comm_bytes: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: PlanArgs) -> Result<()> {
+    let device_memory = plan::parse_bytes(&args.device_memory)?;
+    if args.devices.is_empty() || args.devices.contains(&0) {
+        bail!("--devices needs tp sizes of at least 1, e.g. 1,2,4,8");
+    }
+    if args.batch_size == 0 || args.context_length == 0 {
+        bail!("--batch-size and --context-length must be at least 1");
+    }
+    if ![1, 2, 4].contains(&args.kv_bytes) || ![2, 4, 8].contains(&args.comm_bytes) {
+        bail!("--kv-bytes takes 1, 2 or 4 and --comm-bytes 2, 4 or 8");
+    }
+    let dtype = WeightDtype::parse(&args.weight_dtype)?;
+    let mut link = Link::parse(&args.link)?;
+    if let Some(bw) = args.memory_bandwidth {
+        if !(bw.is_finite() && bw > 0.0) {
+            bail!("--memory-bandwidth must be a positive number of GB/s");
+        }
+        link.memory_gbps = bw;
+    }
+    let (cfg, src): (_, Box<dyn loader::TensorSource>) = match (&args.model, &args.preset) {
+        (Some(path), _) => {
+            let files = loader::open_model(path)?;
+            let cfg = files.config.clone();
+            if dtype == WeightDtype::AsIs {
+                (cfg, files.tensors)
+            } else {
+                (cfg.clone(), Box::new(ShapeSource::new(cfg, dtype)))
+            }
+        }
+        (None, Some(name)) => {
+            let cfg = plan::preset(name)?;
+            (cfg.clone(), Box::new(ShapeSource::new(cfg, dtype)))
+        }
+        (None, None) => bail!("give --model PATH or --preset NAME"),
+    };
+    let too_big: Vec<_> = args
+        .devices
+        .iter()
+        .filter(|&&tp| tp > cfg.num_heads)
+        .collect();
+    if !too_big.is_empty() {
+        bail!(
+            "tp {too_big:?} exceeds the model's {} attention heads; drop them from --devices",
+            cfg.num_heads
+        );
+    }
+    let request = PlanRequest {
+        cfg: &cfg,
+        src: src.as_ref(),
+        device_memory,
+        devices: args.devices.clone(),
+        context_length: args.context_length,
+        batch_size: args.batch_size,
+        link,
+        kv_bytes: args.kv_bytes,
+        comm_bytes: args.comm_bytes,
+    };
+    let result = plan::plan(&request)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        print_table(&args, &result);
+    }
+    if result.recommended_tp.is_none() {
+        bail!(
+            "no tp in {:?} fits a {} device ({} tokens of context × batch {} with {:.0}% headroom); \
+             use more devices, a smaller --weight-dtype, or a shorter context",
+            args.devices,
+            args.device_memory,
+            args.context_length,
+            args.batch_size,
+            plan::HEADROOM * 100.0
+        );
+    }
+    Ok(())
+}
+
+fn gib(bytes: usize) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn print_table(args: &PlanArgs, p: &plan::Plan) {
+    println!(
+        "| tp | weights/rank | KV/token/rank | KV tokens that fit | fits | comm/token/layer | all-reduce µs/token | ms/step | tok/s | tok/s/device | speedup | efficiency |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &p.rows {
+        println!(
+            "| {} | {} | {} KiB | {} | {} | {} B | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0}% |",
+            r.tp,
+            gib(r.weight_bytes_per_rank),
+            r.kv_bytes_per_token_per_rank / 1024,
+            r.kv_tokens_fit,
+            if r.fits { "yes" } else { "no" },
+            r.comm_bytes_per_token_per_layer,
+            r.all_reduce_us_per_token,
+            r.decode_ms_per_step,
+            r.tokens_per_s,
+            r.tokens_per_s_per_device,
+            r.speedup,
+            r.efficiency * 100.0
+        );
+    }
+    let show = |tp: Option<usize>| tp.map_or("none".to_owned(), |t| t.to_string());
+    println!(
+        "recommended tp (smallest that fits {} × {} tokens): {}; best tokens/s per device: {}",
+        args.batch_size,
+        args.context_length,
+        show(p.recommended_tp),
+        show(p.best_tp)
+    );
+}

@@ -1,0 +1,162 @@
+//! `tpserve plan` against the engine itself, the seed's table, and bad input.
+
+mod common;
+
+use tpserve::engine::{self, GroupOptions};
+use tpserve::loader;
+use tpserve::plan;
+
+/// The plan's bytes per rank are exactly what the loaded ranks hold.
+fn check_against_engine(path: &std::path::Path, tps: &[usize]) {
+    let files = loader::open_model(path).unwrap();
+    for &tp in tps {
+        let opts = GroupOptions::single_sequence(tp, Some(1), 16);
+        let held = engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
+            d.memory_per_rank()
+        })
+        .unwrap();
+        for (rank, m) in held.iter().enumerate() {
+            let src = files.tensors.as_ref();
+            let planned = plan::weight_bytes(&files.config, src, tp, rank).unwrap();
+            assert_eq!(
+                planned,
+                m.weight_bytes,
+                "{} tp {tp} rank {rank}: weights",
+                path.display()
+            );
+            let kv = plan::kv_bytes_per_token(&files.config, src, tp, rank, 4).unwrap();
+            assert_eq!(
+                kv,
+                m.kv_bytes_per_token,
+                "{} tp {tp} rank {rank}: KV per token",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn planned_bytes_equal_the_engine_on_smollm2() {
+    check_against_engine(&common::smollm2(), &[1, 2, 3]);
+}
+
+#[test]
+fn planned_bytes_equal_the_engine_on_every_fixture_shape() {
+    for model in [
+        "tiny-llama",
+        "tiny-llama3-bf16",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-mha-uneven",
+        "tiny-mistral-f16",
+    ] {
+        check_against_engine(&common::fixture(model), &[1, 2, 3, 4]);
+    }
+}
+
+/// The seed's table (bf16 weights, one 8192-token sequence): the recommended tp falls in
+/// its range for every model (the README explains where and why it picks an end).
+#[test]
+fn the_seed_table_from_the_presets() {
+    let table = [
+        ("llama-3.1-8b", "24GiB", 1..=1),
+        ("llama-2-13b", "24GiB", 1..=2),
+        ("codellama-34b", "24GiB", 2..=4),
+        ("llama-3.1-70b", "40GiB", 4..=8),
+        ("llama-3.1-405b", "80GiB", 8..=16),
+    ];
+    for (preset, memory, range) in table {
+        let v = gpu_plan(preset, memory, "bf16");
+        let tp = v["recommended_tp"].as_u64().unwrap() as usize;
+        assert!(
+            range.contains(&tp),
+            "{preset} on {memory}: tp {tp}, seed says {range:?}"
+        );
+        assert_eq!(v["rows"].as_array().unwrap().len(), 5);
+        assert!(v["best_tp"].is_u64());
+    }
+    // 405B fits 8 × 80 GB with fp8 weights.
+    assert_eq!(
+        gpu_plan("llama-3.1-405b", "80GiB", "fp8")["recommended_tp"],
+        8
+    );
+}
+
+/// A plan for bf16-era GPUs: 2-byte KV and activations over NVLink.
+fn gpu_plan(preset: &str, memory: &str, dtype: &str) -> serde_json::Value {
+    common::tpserve_json(&[
+        "plan",
+        "--preset",
+        preset,
+        "--device-memory",
+        memory,
+        "--weight-dtype",
+        dtype,
+        "--kv-bytes",
+        "2",
+        "--comm-bytes",
+        "2",
+        "--link",
+        "nvlink",
+        "--json",
+    ])
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    for (args, needle) in [
+        (
+            vec!["--preset", "gpt-9", "--device-memory", "24GiB"],
+            "presets are",
+        ),
+        (
+            vec!["--preset", "mistral-7b", "--device-memory", "lots"],
+            "memory size",
+        ),
+        (
+            vec![
+                "--preset",
+                "mistral-7b",
+                "--device-memory",
+                "1GiB",
+                "--devices",
+                "1,2",
+            ],
+            "no tp in",
+        ),
+        (
+            vec![
+                "--preset",
+                "mistral-7b",
+                "--device-memory",
+                "24GiB",
+                "--link",
+                "smoke",
+            ],
+            "--link",
+        ),
+        (
+            vec![
+                "--preset",
+                "mistral-7b",
+                "--device-memory",
+                "24GiB",
+                "--devices",
+                "64",
+            ],
+            "attention heads",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tpserve"))
+            .arg("plan")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
