@@ -4,8 +4,14 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = tpserve::cli::Cli::parse();
     match tpserve::cli::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            #[cfg(feature = "mpi")]
+            tpserve::comm::mpi::finalize();
+            ExitCode::SUCCESS
+        }
         Err(e) => {
+            #[cfg(feature = "mpi")]
+            tpserve::comm::mpi::abort_job_on_error(&format!("{e:#}"));
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

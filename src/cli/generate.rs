@@ -1,7 +1,8 @@
 //! `tpserve generate`: one prompt, one continuation, optionally as JSON.
 
 use crate::engine::{
-    self, ChatMessage, ChatTemplate, GenerateRequest, GroupOptions, SamplingParams, Tokenizer,
+    self, ChatMessage, ChatTemplate, GenerateRequest, GroupOptions, Launch, SamplingParams,
+    Tokenizer,
 };
 use crate::loader::{self, ChatTemplateSpec};
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,8 +16,12 @@ pub struct GenerateArgs {
     #[arg(long, alias = "model-path")]
     pub model: PathBuf,
     /// Tensor-parallel size: the number of ranks the model is split over.
-    #[arg(long, visible_aliases = ["tensor-parallel-size", "tp-size"], default_value_t = 1)]
-    pub tp: usize,
+    #[arg(long, visible_aliases = ["tensor-parallel-size", "tp-size"])]
+    pub tp: Option<usize>,
+    /// How ranks talk: local (threads of this process) or mpi (one process per rank,
+    /// started by mpirun); default: mpi when started by an MPI launcher, else local.
+    #[arg(long)]
+    pub comm: Option<String>,
     /// Prompt as comma-separated token ids, e.g. 12,345,67.
     #[arg(long, conflicts_with = "prompt", value_delimiter = ',')]
     pub input_ids: Option<Vec<u32>>,
@@ -55,15 +60,17 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.tp == 0 {
+    if args.tp == Some(0) {
         bail!("--tp must be at least 1");
     }
     if args.threads_per_rank == Some(0) {
         bail!("--threads-per-rank must be at least 1");
     }
+    let launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
+    let tp = launch.tp();
     let files = loader::open_model(&args.model)?;
     let cfg = &files.config;
-    engine::runtime::validate_tp(cfg, args.tp)?;
+    engine::runtime::validate_tp(cfg, tp)?;
     let tokenizer = files.tokenizer.as_ref().map(Tokenizer::new).transpose()?;
     let need_tokenizer = |flag: &str| {
         tokenizer.as_ref().ok_or_else(|| {
@@ -104,11 +111,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let capacity = request.input_ids.len() + request.max_new_tokens;
     engine::generate::validate_request(&request, cfg.vocab_size, capacity.max(1))?;
-    let opts = GroupOptions::single_sequence(args.tp, args.threads_per_rank, capacity);
-    let generation = engine::run_local(files.tensors.as_ref(), cfg, &opts, |driver| {
+    let opts = GroupOptions::single_sequence(tp, args.threads_per_rank, capacity);
+    let generation = engine::run_group(launch, files.tensors.as_ref(), cfg, &opts, |driver| {
         engine::generate(driver, &request)
     })
     .context("generation failed")?;
+    // Only rank 0 reports; the other ranks of an MPI world are done.
+    let Some(generation) = generation else {
+        return Ok(());
+    };
     // The text leaves out the token that ended generation (an end-of-turn marker).
     let shown = match generation.finish_reason {
         engine::FinishReason::Stop => &generation.output_ids[..generation.output_ids.len() - 1],

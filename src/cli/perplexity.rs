@@ -1,6 +1,6 @@
 //! `tpserve perplexity`: llama.cpp's perplexity measurement on a text file.
 
-use crate::engine::{self, GroupOptions, Tokenizer};
+use crate::engine::{self, GroupOptions, Launch, Tokenizer};
 use crate::loader;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -19,8 +19,12 @@ pub struct PerplexityArgs {
     /// Tokens per window; the second half of each is scored.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
-    #[arg(long, visible_aliases = ["tensor-parallel-size", "tp-size"], default_value_t = 1)]
-    pub tp: usize,
+    #[arg(long, visible_aliases = ["tensor-parallel-size", "tp-size"])]
+    pub tp: Option<usize>,
+    /// How ranks talk: local (threads of this process) or mpi (one process per rank,
+    /// started by mpirun); default: mpi when started by an MPI launcher, else local.
+    #[arg(long)]
+    pub comm: Option<String>,
     #[arg(long)]
     pub threads_per_rank: Option<usize>,
     /// Print {"ppl", "tokens", "windows"} as JSON.
@@ -47,17 +51,30 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
             files.config.max_position_embeddings
         );
     }
-    let opts = GroupOptions::single_sequence(args.tp, args.threads_per_rank, args.ctx);
+    if args.tp == Some(0) {
+        bail!("--tp must be at least 1");
+    }
+    let launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
+    let opts = GroupOptions::single_sequence(launch.tp(), args.threads_per_rank, args.ctx);
     let bos = tokenizer.bos_id();
-    let quiet = args.json;
-    let result = engine::run_local(files.tensors.as_ref(), &files.config, &opts, |driver| {
-        engine::perplexity::perplexity(driver, &tokens, args.ctx, bos, |done, total, ppl| {
-            if !quiet {
-                eprint!("\rwindow {done}/{total}: ppl {ppl:.4}");
-                let _ = std::io::stderr().flush();
-            }
-        })
-    })?;
+    let quiet = args.json || !launch.is_leader();
+    let result = engine::run_group(
+        launch,
+        files.tensors.as_ref(),
+        &files.config,
+        &opts,
+        |driver| {
+            engine::perplexity::perplexity(driver, &tokens, args.ctx, bos, |done, total, ppl| {
+                if !quiet {
+                    eprint!("\rwindow {done}/{total}: ppl {ppl:.4}");
+                    let _ = std::io::stderr().flush();
+                }
+            })
+        },
+    )?;
+    let Some(result) = result else {
+        return Ok(());
+    };
     if !quiet {
         eprintln!();
     }

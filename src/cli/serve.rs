@@ -3,7 +3,7 @@
 use crate::engine::affinity::parse_cpu_list;
 use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
 use crate::engine::scheduler::{self, EngineHandle, SchedulerConfig, Stats};
-use crate::engine::{self, ChatTemplate, GroupOptions, Tokenizer};
+use crate::engine::{self, ChatTemplate, GroupOptions, Launch, Tokenizer};
 use crate::loader::{self, ModelConfig, ModelFiles};
 use crate::model::ShardPlan;
 use crate::server::{self, AppState};
@@ -21,8 +21,12 @@ pub struct ServeArgs {
     #[arg(long = "model-path", visible_alias = "model")]
     pub model_path: PathBuf,
     /// Tensor-parallel size: the number of ranks the model is split over.
-    #[arg(long = "tp-size", visible_aliases = ["tensor-parallel-size", "tp"], default_value_t = 1)]
-    pub tp: usize,
+    #[arg(long = "tp-size", visible_aliases = ["tensor-parallel-size", "tp"])]
+    pub tp: Option<usize>,
+    /// How ranks talk: local (threads of this process) or mpi (one process per rank,
+    /// started by mpirun; rank 0 serves HTTP); default: mpi under an MPI launcher.
+    #[arg(long)]
+    pub comm: Option<String>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 30000)]
@@ -83,10 +87,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.threads_per_rank == Some(0) {
         bail!("--threads-per-rank must be at least 1");
     }
+    if args.tp == Some(0) {
+        bail!("--tp-size must be at least 1");
+    }
     let cpus = args.cpus.as_deref().map(parse_cpu_list).transpose()?;
+    let launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
+    let tp = launch.tp();
     let files = loader::open_model(&args.model_path)?;
     let cfg = files.config.clone();
-    validate_tp(&cfg, args.tp)?;
+    validate_tp(&cfg, tp)?;
     let tokenizer = Tokenizer::new(files.tokenizer.as_ref().ok_or_else(|| {
         anyhow!(
             "{} has no tokenizer; the server needs one",
@@ -103,7 +112,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(0) => bail!("--context-length must be at least 1"),
         Some(n) => n,
     };
-    let max_total_tokens = kv_capacity(&args, &cfg, files.tensors.as_ref(), context_length)?;
+    let max_total_tokens = kv_capacity(&args, tp, &cfg, files.tensors.as_ref(), context_length)?;
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {
         args.model_path
             .file_name()
@@ -115,13 +124,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let handle = EngineHandle::new(commands, stats.clone());
     let progress = Arc::new(AtomicUsize::new(0));
     let opts = GroupOptions {
-        tp: args.tp,
+        tp,
         threads_per_rank: args.threads_per_rank,
         kv_blocks: max_total_tokens.div_ceil(DEFAULT_BLOCK_SIZE),
         block_size: DEFAULT_BLOCK_SIZE,
         cpus,
         progress: Some(progress.clone()),
     };
+    if !launch.is_leader() {
+        // Ranks 1.. of an MPI world: their shard and the worker loop; rank 0 serves.
+        let ModelFiles {
+            tensors, config, ..
+        } = files;
+        engine::run_group(launch, tensors.as_ref(), &config, &opts, |_| Ok(()))?;
+        return Ok(());
+    }
     let sched = SchedulerConfig {
         max_running_requests: args.max_running_requests,
         chunked_prefill_size: args.chunked_prefill_size,
@@ -131,7 +148,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let server_args = json!({
         "model_path": args.model_path,
         "served_model_name": model_name,
-        "tp_size": args.tp,
+        "tp_size": tp,
         "threads_per_rank": opts.threads_per_rank(),
         "context_length": context_length,
         "max_running_requests": args.max_running_requests,
@@ -175,13 +192,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let ModelFiles {
                 tensors, config, ..
             } = files;
-            let result = engine::run_local(tensors.as_ref(), &config, &opts, |driver| {
+            let result = engine::run_group(launch, tensors.as_ref(), &config, &opts, |driver| {
                 let _ = ready_tx.send(());
                 scheduler::run(driver, &sched, command_rx, &stats)
             });
-            let _ = done_tx.send(result);
+            let _ = done_tx.send(result.map(|_| ()));
         })?;
-    if !show_loading(&progress, cfg.num_layers * args.tp, &ready_rx) {
+    if !show_loading(&progress, cfg.num_layers * tp, &ready_rx) {
         let _ = engine_thread.join();
         let result = runtime
             .block_on(done_rx)
@@ -190,7 +207,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     tracing::info!(
         "tpserve ready on http://{address} (model {model_name}, tp {}, {} KV tokens)",
-        args.tp,
+        tp,
         max_total_tokens
     );
     let app = server::router(state);
@@ -257,6 +274,7 @@ fn load_chat_template(args: &ServeArgs, files: &ModelFiles) -> Result<Option<Cha
 /// request at full context.
 fn kv_capacity(
     args: &ServeArgs,
+    tp: usize,
     cfg: &ModelConfig,
     src: &dyn loader::TensorSource,
     context_length: usize,
@@ -268,9 +286,8 @@ fn kv_capacity(
         return Ok(n);
     }
     let mut per_token = 0;
-    for rank in 0..args.tp {
-        per_token +=
-            cfg.kv_bytes_per_token(ShardPlan::new(cfg, src, args.tp, rank)?.heads.num_kv());
+    for rank in 0..tp {
+        per_token += cfg.kv_bytes_per_token(ShardPlan::new(cfg, src, tp, rank)?.heads.num_kv());
     }
     let available = available_memory().unwrap_or(4 << 30);
     let fits = (available as f64 * args.mem_fraction_static) as usize / per_token.max(1);

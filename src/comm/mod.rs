@@ -5,6 +5,8 @@
 //! greedy decoding cannot diverge between them. Nothing here knows about models.
 
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 pub use local::LocalGroup;
 

@@ -12,6 +12,6 @@ pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use generate::{generate, FinishReason, GenerateRequest, Generation};
-pub use runtime::{run_local, Driver, GroupOptions};
+pub use runtime::{run_group, run_local, Driver, GroupOptions, Launch};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;

@@ -281,6 +281,99 @@ pub fn run_local<T: Send>(
     })
 }
 
+/// How the ranks of a group are started.
+pub enum Launch {
+    /// `tp` threads of this process.
+    Local { tp: usize },
+    /// This process is one rank of the MPI world (started by mpirun).
+    #[cfg(feature = "mpi")]
+    Mpi(crate::comm::mpi::MpiComm),
+}
+
+impl Launch {
+    /// From `--comm` (`local`, `mpi`, or unset: MPI when launched by mpirun) and `--tp`.
+    pub fn resolve(comm: Option<&str>, tp: Option<usize>) -> Result<Launch> {
+        let mpi = match comm {
+            Some("local") => false,
+            Some("mpi") => true,
+            Some(other) => bail!("--comm {other} is not one of local, mpi"),
+            None => launched_by_mpi(),
+        };
+        if !mpi {
+            return Ok(Launch::Local {
+                tp: tp.unwrap_or(1),
+            });
+        }
+        #[cfg(feature = "mpi")]
+        {
+            let comm_world = crate::comm::mpi::MpiComm::init()?;
+            let size = comm_world.size();
+            if comm.is_none() && comm_world.rank() == 0 {
+                eprintln!("running under an MPI launcher: using --comm mpi with {size} ranks");
+            }
+            if let Some(tp) = tp.filter(|&t| t != size) {
+                bail!("--tp {tp} does not match the {size} processes mpirun started: the MPI world is the TP group (drop --tp or use mpirun -np {tp})");
+            }
+            Ok(Launch::Mpi(comm_world))
+        }
+        #[cfg(not(feature = "mpi"))]
+        bail!("this tpserve was built without MPI support: rebuild with `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)")
+    }
+
+    /// Ranks in the group.
+    pub fn tp(&self) -> usize {
+        match self {
+            Launch::Local { tp } => *tp,
+            #[cfg(feature = "mpi")]
+            Launch::Mpi(c) => c.size(),
+        }
+    }
+
+    /// Whether this process runs rank 0 (prints results, serves HTTP).
+    pub fn is_leader(&self) -> bool {
+        match self {
+            Launch::Local { .. } => true,
+            #[cfg(feature = "mpi")]
+            Launch::Mpi(c) => c.rank() == 0,
+        }
+    }
+}
+
+/// Whether an MPI launcher started this process.
+fn launched_by_mpi() -> bool {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
+}
+
+/// Runs the group as `launch` says; `drive` runs on rank 0, which returns `Some`; the other
+/// ranks of an MPI world serve plans and return `None` once rank 0 stops.
+pub fn run_group<T: Send>(
+    launch: Launch,
+    src: &dyn TensorSource,
+    cfg: &ModelConfig,
+    opts: &GroupOptions,
+    drive: impl FnOnce(&mut Driver) -> Result<T> + Send,
+) -> Result<Option<T>> {
+    match launch {
+        Launch::Local { .. } => run_local(src, cfg, opts, drive).map(Some),
+        #[cfg(feature = "mpi")]
+        Launch::Mpi(comm) => {
+            validate_tp(cfg, comm.size())?;
+            let rank = comm.rank();
+            let threads = opts.threads_per_rank();
+            let cores = opts.cpus.clone().unwrap_or_default();
+            let drive = (rank == 0).then_some(drive);
+            run_rank(src, cfg, opts, threads, &cores, rank, comm, drive)
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_rank<T>(
     src: &dyn TensorSource,
@@ -298,16 +391,12 @@ fn run_rank<T>(
             affinity::pin_to_core(core);
         }
         let mut comm: Box<dyn Comm> = Box::new(comm);
+        let tp = comm.size();
+        // Ranks on other machines may see other memory sizes: rank 0's cache size rules.
+        let kv_blocks = agree(&mut *comm, opts.kv_blocks)?;
         let threads = Threads::new(threads_per_rank, cores)?;
-        let model = Model::load(
-            src,
-            cfg,
-            opts.tp,
-            rank_id,
-            threads,
-            opts.progress.as_deref(),
-        )?;
-        let kv = model.new_kv_cache(opts.kv_blocks, opts.block_size);
+        let model = Model::load(src, cfg, tp, rank_id, threads, opts.progress.as_deref())?;
+        let kv = model.new_kv_cache(kv_blocks, opts.block_size);
         // Every rank has its shard before any plan flows.
         comm.barrier()?;
         let mut rank = Rank { model, kv, comm };
@@ -320,7 +409,7 @@ fn run_rank<T>(
             plan: Vec::new(),
             gathered: Vec::new(),
             logits: Vec::new(),
-            all_blocks: (0..opts.kv_blocks as u32).collect(),
+            all_blocks: (0..kv_blocks as u32).collect(),
         };
         let out = drive(&mut driver);
         // Release the workers whether or not driving succeeded.
@@ -341,6 +430,16 @@ fn run_rank<T>(
         abort(&format!("{e:#}"));
     }
     result.map_err(|e| e.context(format!("rank {rank_id}")))
+}
+
+/// Rank 0's `value` on every rank.
+fn agree(comm: &mut dyn Comm, value: usize) -> Result<usize> {
+    let mut bytes = (value as u64).to_le_bytes().to_vec();
+    comm.broadcast(&mut bytes, 0)?;
+    let bytes: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| anyhow!("rank 0 sent a malformed setting"))?;
+    Ok(u64::from_le_bytes(bytes) as usize)
 }
 
 /// The first error that is not merely another rank reporting the abort.

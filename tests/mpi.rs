@@ -1,0 +1,276 @@
+//! Multi-process tensor parallelism under mpirun (Open MPI, loopback only).
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use serde_json::Value;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// MPI jobs oversubscribe the cores: one at a time.
+static ONE_JOB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_job_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_JOB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `mpirun` on this machine only: loopback interfaces, root allowed, more ranks than cores.
+fn mpirun() -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_tcp_if_include", "lo")
+        .env("OMPI_MCA_oob_tcp_if_include", "lo")
+        // More ranks than cores: yield instead of busy-polling in collectives.
+        .env("OMPI_MCA_mpi_yield_when_idle", "1");
+    c
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("rank 0 prints one JSON object");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with('{')).count(),
+        1,
+        "only rank 0 prints"
+    );
+    serde_json::from_str(line).unwrap()
+}
+
+fn generate_mpi(np: usize, model: &str, input: &[&str]) -> Value {
+    let out = mpirun()
+        .args([
+            "-np",
+            &np.to_string(),
+            env!("CARGO_BIN_EXE_tpserve"),
+            "generate",
+            "--comm",
+            "mpi",
+        ])
+        .args(["--model", model, "--temperature", "0", "--json"])
+        .args(input)
+        .output()
+        .unwrap();
+    json_of(&out)
+}
+
+#[test]
+fn smollm2_under_mpirun_equals_in_process_tp() {
+    let _job = one_job_at_a_time();
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let input = [
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "16",
+    ];
+    for np in [2, 3] {
+        let mpi = generate_mpi(np, model, &input);
+        let tp = np.to_string();
+        let mut args = vec![
+            "generate",
+            "--model",
+            model,
+            "--tp",
+            &tp,
+            "--temperature",
+            "0",
+            "--json",
+        ];
+        args.extend(input);
+        let local = common::tpserve_json(&args);
+        assert_eq!(mpi["output_ids"], local["output_ids"], "np {np}");
+        assert_eq!(
+            mpi["prompt_logits_top"], local["prompt_logits_top"],
+            "np {np}: logits bit for bit"
+        );
+    }
+}
+
+#[test]
+fn fixture_models_under_mpirun_match_their_references() {
+    let _job = one_job_at_a_time();
+    for (model, np) in [
+        ("tiny-llama", 2),
+        ("tiny-qwen2", 3),
+        ("tiny-mha-uneven", 2),
+        ("tiny-llama3-bf16", 3),
+    ] {
+        let reference = common::reference(model);
+        let tol = if reference.saved_dtype == "float32" {
+            1e-4
+        } else {
+            1e-3
+        };
+        let path = common::fixture(model);
+        for case in &reference.cases {
+            let ids: Vec<String> = case.input_ids.iter().map(u32::to_string).collect();
+            let ids = ids.join(",");
+            let input = [
+                "--input-ids",
+                &ids,
+                "--max-new-tokens",
+                "16",
+                "--ignore-eos",
+            ];
+            let v = generate_mpi(np, path.to_str().unwrap(), &input);
+            let out: Vec<u32> = serde_json::from_value(v["output_ids"].clone()).unwrap();
+            assert_eq!(out, case.greedy_ids, "{model} {}: greedy ids", case.name);
+            for top in v["prompt_logits_top"].as_array().unwrap() {
+                let (id, logit) = (
+                    top["id"].as_u64().unwrap() as usize,
+                    top["logit"].as_f64().unwrap(),
+                );
+                let want = case.last_logits[id] as f64;
+                assert!(
+                    (logit - want).abs() <= tol,
+                    "{model} {}: logit {id}: {logit} vs {want}",
+                    case.name
+                );
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `mpirun -np 2 tpserve serve`: rank 0 answers HTTP; killing rank 1 stops the job within
+/// 10 s with a message naming the rank.
+#[test]
+fn serve_under_mpirun_and_a_rank_that_dies() {
+    let _job = one_job_at_a_time();
+    let port = free_port();
+    let model = common::smollm2();
+    let mut job = mpirun()
+        .args([
+            "-np",
+            "2",
+            env!("CARGO_BIN_EXE_tpserve"),
+            "serve",
+            "--model-path",
+            model.to_str().unwrap(),
+        ])
+        .args(["--port", &port.to_string(), "--max-total-tokens", "512"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let chat = r#"{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16,"temperature":0}"#;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reply = loop {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "30",
+                &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+                "-d",
+                chat,
+            ])
+            .output()
+            .unwrap();
+        if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the MPI server did not answer");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains("Paris"), "{reply}");
+
+    // Rank 1 is the newest tpserve process of the job.
+    let pattern = format!("^{} serve .*--port {port}", env!("CARGO_BIN_EXE_tpserve"));
+    let pids = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .unwrap();
+    let mut pids: Vec<u32> = String::from_utf8_lossy(&pids.stdout)
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    assert_eq!(pids.len(), 2, "two ranks run");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &pids[1].to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = job.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the job outlived its rank by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let out = job.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rank 1"),
+        "the message should name rank 1: {err}"
+    );
+}
+
+/// One rank with a bad model path: the whole job stops within 10 s, saying why.
+#[test]
+fn a_rank_with_a_bad_model_path_stops_the_job() {
+    let _job = one_job_at_a_time();
+    let model = common::fixture("tiny-llama");
+    let start = Instant::now();
+    let out = mpirun()
+        .args([
+            "-np",
+            "1",
+            env!("CARGO_BIN_EXE_tpserve"),
+            "generate",
+            "--comm",
+            "mpi",
+        ])
+        .args(["--model", model.to_str().unwrap(), "--input-ids", "1,2,3"])
+        .args([
+            ":",
+            "-np",
+            "1",
+            env!("CARGO_BIN_EXE_tpserve"),
+            "generate",
+            "--comm",
+            "mpi",
+        ])
+        .args([
+            "--model",
+            "/nonexistent/node2/model",
+            "--input-ids",
+            "1,2,3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/node2/model"), "{err}");
+}
