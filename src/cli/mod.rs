@@ -1,6 +1,7 @@
 //! Command-line front end: parse, call the library, print. Thin on purpose.
 
 mod bench_serving;
+mod comm_bench;
 mod generate;
 mod perplexity;
 mod plan;
@@ -32,6 +33,8 @@ pub enum Command {
     BenchServing(bench_serving::BenchServingArgs),
     /// Memory and communication per tp size, and the recommended tp (from a model or preset).
     Plan(plan::PlanArgs),
+    /// Collective latency and bandwidth of a TP group (nccl-tests' all_reduce_perf).
+    CommBench(comm_bench::CommBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -42,5 +45,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::BenchServing(args) => bench_serving::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::CommBench(args) => comm_bench::run(args),
     }
 }
