@@ -18,7 +18,11 @@ pub struct CommBenchArgs {
     #[arg(long)]
     pub comm: Option<String>,
     /// Message sizes in floats.
-    #[arg(long, value_delimiter = ',', default_value = "1,576,4096,65536,1048576")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,576,4096,65536,1048576"
+    )]
     pub sizes: Vec<usize>,
     /// Timed repetitions per size (fewer for messages over 64 Ki floats).
     #[arg(long, default_value_t = 1000)]
@@ -36,7 +40,9 @@ pub fn run(args: CommBenchArgs) -> Result<()> {
     }
     // Local groups default to 2 ranks; an MPI world is as large as mpirun made it.
     let launch = match Launch::resolve(args.comm.as_deref(), args.tp)? {
-        Launch::Local { .. } => Launch::Local { tp: args.tp.unwrap_or(2) },
+        Launch::Local { .. } => Launch::Local {
+            tp: args.tp.unwrap_or(2),
+        },
         mpi => mpi,
     };
     let tp = launch.tp();
@@ -85,12 +91,18 @@ fn bench_rank(comm: &mut dyn Comm, args: &CommBenchArgs) -> Result<Vec<Value>> {
     let n = comm.size();
     let mut rows = Vec::new();
     for &size in &args.sizes {
-        let iters = if size > 65536 { (args.iters / 20).max(10) } else { args.iters };
+        let iters = if size > 65536 {
+            (args.iters / 20).max(10)
+        } else {
+            args.iters
+        };
         let mut f = vec![1.0f32; size];
         let mut i = vec![1i64; size];
         let part = vec![1.0f32; size.div_ceil(n)];
         let mut gathered = Vec::new();
-        let time = |op: &mut dyn FnMut(&mut dyn Comm) -> Result<()>, comm: &mut dyn Comm| -> Result<(f64, f64)> {
+        let time = |op: &mut dyn FnMut(&mut dyn Comm) -> Result<()>,
+                    comm: &mut dyn Comm|
+         -> Result<(f64, f64)> {
             for _ in 0..iters.min(20) {
                 op(comm)?;
             }
@@ -102,7 +114,10 @@ fn bench_rank(comm: &mut dyn Comm, args: &CommBenchArgs) -> Result<Vec<Value>> {
                 us.push(t.elapsed().as_secs_f64() * 1e6);
             }
             us.sort_by(f64::total_cmp);
-            Ok((us[us.len() / 2], us[((us.len() - 1) as f64 * 0.99) as usize]))
+            Ok((
+                us[us.len() / 2],
+                us[((us.len() - 1) as f64 * 0.99) as usize],
+            ))
         };
         let ar = time(&mut |c| c.all_reduce_sum(&mut f), comm)?;
         let ar64 = time(&mut |c| c.all_reduce_sum_i64(&mut i), comm)?;
