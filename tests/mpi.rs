@@ -102,9 +102,13 @@ fn fixture_models_under_mpirun_match_their_references() {
     let _job = one_job_at_a_time();
     for (model, np) in [
         ("tiny-llama", 2),
-        ("tiny-qwen2", 3),
-        ("tiny-mha-uneven", 2),
+        ("tiny-llama-sharded", 3),
         ("tiny-llama3-bf16", 3),
+        ("tiny-qwen2", 3),
+        ("tiny-qwen3", 2),
+        ("tiny-mha-uneven", 2),
+        ("tiny-mistral-f16", 3),
+        ("tiny-smollm-tok", 2),
     ] {
         let reference = common::reference(model);
         let tol = if reference.saved_dtype == "float32" {
