@@ -39,12 +39,10 @@ pub fn run(args: CommBenchArgs) -> Result<()> {
         bail!("--tp must be at least 1");
     }
     // Local groups default to 2 ranks; an MPI world is as large as mpirun made it.
-    let launch = match Launch::resolve(args.comm.as_deref(), args.tp)? {
-        Launch::Local { .. } => Launch::Local {
-            tp: args.tp.unwrap_or(2),
-        },
-        mpi => mpi,
-    };
+    let mut launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
+    if let Launch::Local { tp } = &mut launch {
+        *tp = args.tp.unwrap_or(2);
+    }
     let tp = launch.tp();
     let (backend, rows) = match launch {
         Launch::Local { tp } => ("local", bench_local(tp, &args)?),

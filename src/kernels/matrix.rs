@@ -3,6 +3,7 @@
 use super::dot::{dot_bf16_fn, dot_f16_fn, dot_f32_fn, DotFn};
 use super::fixed::to_fixed;
 use super::gemm::{dot_2x4_fixed_fn, dot_2x4_fn};
+use super::kdot::{kdot_fn, KDotFn};
 use super::qdot::{qdot4_fns, quantize_q8, BlockQ8, Isa, QDot4FixedFn};
 use super::quant::QuantType;
 use super::threads::{DisjointChunks, Threads};
@@ -174,6 +175,25 @@ impl Matrix {
                 if let Some((_, qdot4)) = qdot4_fns(*ty, Isa::detect()) {
                     return self.fixed_integer(*ty, w, qdot4, x, tokens, &out, segment, threads);
                 }
+                if let Some(kdot) = kdot_fn(*ty, Isa::detect()) {
+                    let seg_groups = segment / 32;
+                    return self.for_kquant_rows(
+                        *ty,
+                        w,
+                        kdot,
+                        x,
+                        tokens,
+                        threads,
+                        |j, t, terms| {
+                            let sum = terms
+                                .chunks_exact(seg_groups)
+                                .map(|s| to_fixed(s.iter().sum()))
+                                .sum();
+                            // SAFETY: row j belongs to this thread's range only.
+                            unsafe { out.set(t * rows + j, sum) };
+                        },
+                    );
+                }
             }
         }
         self.fixed_f32(x, tokens, &out, segment, threads, phase);
@@ -312,10 +332,16 @@ impl Matrix {
         y: &mut [f32],
         threads: &Threads,
     ) {
-        let Some((qdot4, _)) = qdot4_fns(ty, Isa::detect()) else {
-            return self.matmul_dequantized(ty, w, x, tokens, y, threads);
-        };
         let rows = self.rows;
+        if let Some(kdot) = kdot_fn(ty, Isa::detect()) {
+            let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
+            return self.for_kquant_rows(ty, w, kdot, x, tokens, threads, |j, t, terms| {
+                // SAFETY: row j belongs to this thread's range only.
+                unsafe { out.chunk(t * rows + j)[0] = terms.iter().sum() };
+            });
+        }
+        let (qdot4, _) = qdot4_fns(ty, Isa::detect())
+            .expect("every block format has integer kernels (qdot or kdot)");
         let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
         self.for_row_groups(ty, w, x, tokens, threads, |rows4, xb, group, t| {
             let v = qdot4(rows4, xb);
@@ -351,37 +377,45 @@ impl Matrix {
         });
     }
 
-    /// Each row is dequantized once into a per-thread buffer, then multiplied with every
-    /// token by the f32 kernel.
-    fn matmul_dequantized(
+    /// Decode of K-quant rows: the tokens are quantized to 8-bit blocks once; every K-block
+    /// meets them in integer dot products, and `f(row, token, terms)` receives the
+    /// contribution of each 32-weight group of the row.
+    #[allow(clippy::too_many_arguments)]
+    fn for_kquant_rows(
         &self,
         ty: QuantType,
         w: &[u8],
+        kdot: KDotFn,
         x: &[f32],
         tokens: usize,
-        y: &mut [f32],
         threads: &Threads,
+        f: impl Fn(usize, usize, &[f32]) + Sync,
     ) {
         thread_local! {
-            static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            static TERMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let (rows, cols) = (self.rows, self.cols);
-        let row_bytes = ty.bytes_for(cols);
-        let dot = dot_f32_fn();
-        let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
-        threads.for_each_range(rows, |range| {
-            ROW.with_borrow_mut(|row| {
-                row.resize(cols, 0.0);
-                for j in range {
-                    ty.dequantize(&w[j * row_bytes..(j + 1) * row_bytes], row);
-                    for t in 0..tokens {
-                        // SAFETY: as in `matmul_with`: row j belongs to one range.
-                        unsafe {
-                            out.chunk(t * rows + j)[0] = dot(row, &x[t * cols..(t + 1) * cols])
-                        };
+        let (row_bytes, groups) = (ty.bytes_for(self.cols), self.cols / 32);
+        with_quantized_tokens(x, tokens, self.cols, |xq, per_token| {
+            threads.for_each_range(self.rows, |range| {
+                TERMS.with_borrow_mut(|terms| {
+                    terms.resize(groups, 0.0);
+                    for j in range {
+                        let row = &w[j * row_bytes..(j + 1) * row_bytes];
+                        for t in 0..tokens {
+                            let xb = &xq[t * per_token..(t + 1) * per_token];
+                            let blocks = row.chunks_exact(ty.block_bytes());
+                            for (k, (block, out)) in
+                                blocks.zip(terms.chunks_exact_mut(8)).enumerate()
+                            {
+                                let out: &mut [f32; 8] =
+                                    out.try_into().expect("8 groups per K-block");
+                                kdot(block, &xb[8 * k..8 * k + 8], out);
+                            }
+                            f(j, t, terms);
+                        }
                     }
-                }
-            })
+                })
+            });
         });
     }
 
@@ -471,4 +505,58 @@ fn row_groups(range: std::ops::Range<usize>) -> impl Iterator<Item = [usize; 4]>
             (j + 3).min(end - 1),
         ]
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::fixed::from_fixed;
+    use rand::{Rng, SeedableRng};
+
+    /// K-quant decode products (integer kernels) against f32 products of the dequantized
+    /// rows, plain and in fixed point.
+    #[test]
+    fn k_quant_decode_matches_dequantized_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for ty in [QuantType::Q4K, QuantType::Q6K] {
+            let (rows, cols) = (6, 512);
+            let mut w: Vec<u8> = (0..ty.bytes_for(rows * cols))
+                .map(|_| rng.random())
+                .collect();
+            for b in w.chunks_exact_mut(ty.block_bytes()) {
+                let d = half::f16::from_f32(rng.random_range(0.001..0.02)).to_le_bytes();
+                let at = if ty == QuantType::Q4K { 0 } else { 208 };
+                b[at..at + 2].copy_from_slice(&d);
+                if ty == QuantType::Q4K {
+                    b[2..4].copy_from_slice(&d);
+                }
+            }
+            let m = Matrix::new(rows, cols, Storage::Quant(ty, w));
+            let x: Vec<f32> = (0..2 * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let threads = Threads::single();
+            let mut y = vec![0.0; 2 * rows];
+            m.matmul(&x, 2, &mut y, &threads, Phase::Decode);
+            let mut acc = vec![0i64; 2 * rows];
+            m.matmul_fixed(&x, 2, &mut acc, 64, &threads, Phase::Decode);
+            let mut row = vec![0.0; cols];
+            for j in 0..rows {
+                m.row_f32(j, &mut row);
+                for t in 0..2 {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    let exact: f32 = row.iter().zip(xt).map(|(a, b)| a * b).sum();
+                    let norm: f32 = row.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                    let got = y[t * rows + j];
+                    assert!(
+                        (got - exact).abs() <= 0.02 * norm,
+                        "{ty:?} row {j}: {got} vs {exact}"
+                    );
+                    let fixed = from_fixed(acc[t * rows + j]);
+                    assert!(
+                        (fixed - got).abs() <= 1e-4 * (1.0 + norm),
+                        "{ty:?} row {j}: fixed {fixed} vs {got}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -5,6 +5,7 @@
 pub mod dot;
 pub mod fixed;
 pub mod gemm;
+pub mod kdot;
 pub mod matrix;
 pub mod ops;
 pub mod qdot;

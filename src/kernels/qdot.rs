@@ -6,8 +6,7 @@
 //! Every kernel has a scalar twin (`scalar::*`); the AVX2 and AVX-512 VNNI versions are
 //! chosen at run time and tested against it.
 
-use super::quant::QuantType;
-use half::f16;
+use super::quant::{f16_at, QuantType};
 
 /// 32 activations as i8 with their scale `d`, and `s = d · Σ qs` (for formats with an
 /// offset, like Q4_1, whose blocks add `m · Σ x`).
@@ -41,10 +40,6 @@ pub type QDot4Fn = fn([&[u8]; 4], &[BlockQ8]) -> [f32; 4];
 /// The same, summed per segment of `seg_blocks` blocks, each converted to fixed point (see
 /// [`super::fixed`]).
 pub type QDot4FixedFn = fn([&[u8]; 4], &[BlockQ8], usize) -> [i64; 4];
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
 
 pub mod scalar {
     use super::{f16_at, BlockQ8};
@@ -199,7 +194,7 @@ pub fn qdot4_fns(ty: QuantType, isa: Isa) -> Option<(QDot4Fn, QDot4FixedFn)> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::BlockQ8;
     use crate::kernels::fixed::x86::to_fixed4;
     use std::arch::x86_64::*;
@@ -230,13 +225,13 @@ mod x86 {
 
     /// Σ (unsigned u8 × signed i8) over 32 lanes, as 8 i32 partial sums (AVX2).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_u8_i8_avx2(u: __m256i, s: __m256i) -> __m256i {
+    pub(crate) unsafe fn dot_u8_i8_avx2(u: __m256i, s: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
     }
 
     /// The same with VNNI: one instruction, no 16-bit intermediate.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn dot_u8_i8_vnni(u: __m256i, s: __m256i) -> __m256i {
+    pub(crate) unsafe fn dot_u8_i8_vnni(u: __m256i, s: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
     }
 
@@ -329,6 +324,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::fixed::from_fixed;
+    use half::f16;
     use rand::{Rng, SeedableRng};
 
     /// Random blocks of `ty` with sane f16 scales.

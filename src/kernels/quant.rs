@@ -66,7 +66,7 @@ impl QuantType {
     }
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
@@ -97,7 +97,7 @@ fn dequantize_q8_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K block's 12 packed scale bytes.
-fn q4_k_scale_min(j: usize, s: &[u8]) -> (f32, f32) {
+pub(crate) fn q4_k_scale_min(j: usize, s: &[u8]) -> (f32, f32) {
     let (sc, m) = if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
