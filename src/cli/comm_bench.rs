@@ -40,6 +40,8 @@ pub fn run(args: CommBenchArgs) -> Result<()> {
     }
     // Local groups default to 2 ranks; an MPI world is as large as mpirun made it.
     let mut launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
+    // Without the mpi feature, Local is the only kind of launch.
+    #[allow(irrefutable_let_patterns)]
     if let Launch::Local { tp } = &mut launch {
         *tp = args.tp.unwrap_or(2);
     }
