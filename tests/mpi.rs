@@ -146,20 +146,12 @@ fn fixture_models_under_mpirun_match_their_references() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `mpirun -np 2 tpserve serve`: rank 0 answers HTTP; killing rank 1 stops the job within
 /// 10 s with a message naming the rank.
 #[test]
 fn serve_under_mpirun_and_a_rank_that_dies() {
     let _job = one_job_at_a_time();
-    let port = free_port();
+    let port = common::free_port();
     let model = common::smollm2();
     let mut job = mpirun()
         .args([

@@ -20,16 +20,8 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start(extra: &[&str]) -> Server {
-    let port = free_port();
+    let port = common::free_port();
     let model = common::smollm2();
     let child = Command::new(env!("CARGO_BIN_EXE_tpserve"))
         .args([
@@ -520,7 +512,7 @@ fn bad_flags_are_clear_errors() {
                 "--model-path",
                 model,
                 "--port",
-                &free_port().to_string(),
+                &common::free_port().to_string(),
             ])
             .args(&args)
             .output()
