@@ -6,6 +6,7 @@
 //! KV cache), `engine` (rank runtime, scheduler, sampling, generation), `server` (HTTP),
 //! `cli`.
 
+pub mod bench;
 pub mod cli;
 pub mod comm;
 pub mod engine;
@@ -16,3 +17,4 @@ pub mod model;
 pub mod plan;
 pub mod server;
 pub mod shard;
+pub mod synth;

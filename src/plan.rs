@@ -10,6 +10,7 @@ use std::ops::Range;
 
 /// Named model configurations (public Hugging Face configs), kept in `presets/`.
 pub const PRESETS: &[(&str, &str)] = &[
+    ("llama-3.2-1b", include_str!("../presets/llama-3.2-1b.json")),
     ("llama-3.1-8b", include_str!("../presets/llama-3.1-8b.json")),
     ("llama-2-13b", include_str!("../presets/llama-2-13b.json")),
     (

@@ -296,3 +296,48 @@ fn batched_steps_equal_sequences_alone() {
         );
     }
 }
+
+/// Vocab-parallel selection: each rank's top k, merged on rank 0, is exactly the top k of
+/// the full logits (values and ids, ties by lower id), and sampling from it draws exactly
+/// what sampling from the full logits draws — at every tp, vocabularies split unevenly.
+#[test]
+fn top_k_candidates_equal_the_full_logits() {
+    use tpserve::engine::sampling::{top_logits, Sampler};
+    let model = "tiny-smollm-tok";
+    let case = &reference(model).cases[0];
+    let params = SamplingParams {
+        temperature: 1.3,
+        top_k: 40,
+        top_p: 0.9,
+        seed: Some(5),
+        ..Default::default()
+    };
+    for tp in 1..=4 {
+        with_group(model, tp, case.input_ids.len() + 16, |d| {
+            d.forward_one(&case.input_ids, 0, Logits::Last, Phase::Prefill)?;
+            let (mut full_sampler, mut top_sampler) =
+                (Sampler::new(params.clone()), Sampler::new(params.clone()));
+            let mut token = case.input_ids[0];
+            for step in 0..16 {
+                let pos = case.input_ids.len() + step;
+                // The same step twice: the second overwrites the same KV slot identically.
+                let full = d
+                    .forward_one(&[token], pos, Logits::Last, Phase::Decode)?
+                    .to_vec();
+                for k in [1, 7, 64] {
+                    let top = d.forward_one_top_k(token, pos, k)?;
+                    assert_eq!(top, &top_logits(&full, k)[..], "tp {tp} step {step} k {k}");
+                }
+                let top = d.forward_one_top_k(token, pos, 40)?.to_vec();
+                let from_full = full_sampler.sample(&full);
+                assert_eq!(
+                    top_sampler.sample_top(&top),
+                    from_full,
+                    "tp {tp} step {step}"
+                );
+                token = from_full;
+            }
+            Ok(())
+        });
+    }
+}

@@ -6,6 +6,7 @@ mod generate;
 mod perplexity;
 mod plan;
 mod serve;
+mod synth;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Collective latency and bandwidth of a TP group (nccl-tests' all_reduce_perf).
     CommBench(comm_bench::CommBenchArgs),
+    /// Write a GGUF model with a real model's shapes and random weights (for benchmarks).
+    Synth(synth::SynthArgs),
 }
 
 /// Runs a parsed command line.
@@ -46,5 +49,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchServing(args) => bench_serving::run(args),
         Command::Plan(args) => plan::run(args),
         Command::CommBench(args) => comm_bench::run(args),
+        Command::Synth(args) => synth::run(args),
     }
 }

@@ -12,7 +12,7 @@ pub struct PlanArgs {
     /// A GGUF file or Hugging Face folder to plan for.
     #[arg(long, alias = "model-path", conflicts_with = "preset")]
     pub model: Option<PathBuf>,
-    /// A named model: llama-3.1-8b, llama-2-13b, codellama-34b, llama-3.1-70b,
+    /// A named model: llama-3.2-1b, llama-3.1-8b, llama-2-13b, codellama-34b, llama-3.1-70b,
     /// llama-3.1-405b, qwen2.5-7b, qwen2.5-72b, mistral-7b.
     #[arg(long)]
     pub preset: Option<String>,

@@ -70,8 +70,16 @@ pub fn generate(driver: &mut Driver, req: &GenerateRequest) -> Result<Generation
             if out.len() == req.max_new_tokens {
                 break;
             }
-            let logits = driver.forward_one(&[next], pos, Logits::Last, Phase::Decode)?;
-            next = sampler.sample(logits);
+            next = match sampler.candidates_needed() {
+                Some(k) => {
+                    let top = driver.forward_one_top_k(next, pos, k)?;
+                    sampler.sample_top(top)
+                }
+                None => {
+                    let logits = driver.forward_one(&[next], pos, Logits::Last, Phase::Decode)?;
+                    sampler.sample(logits)
+                }
+            };
             pos += 1;
         }
     }

@@ -8,10 +8,25 @@ const FORWARD: u8 = 0;
 const REPORT_MEMORY: u8 = 1;
 const STOP: u8 = 2;
 
+/// What rank 0 needs back from a step's logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gather {
+    /// Every rank's vocabulary slice: the full logits (logprobs, penalties, plain sampling).
+    AllLogits,
+    /// Each rank's `k` best (logit, id) per position; rank 0 merges them into the global
+    /// top k. Greedy needs 1, top-k sampling k: a few floats cross instead of the vocabulary.
+    TopK(usize),
+}
+
 /// Serialises a forward step into `out` (cleared first; its capacity is reused).
-pub fn encode_forward(seqs: &[SeqStep], out: &mut Vec<u8>) {
+pub fn encode_forward(seqs: &[SeqStep], gather: Gather, out: &mut Vec<u8>) {
     out.clear();
     out.push(FORWARD);
+    let k = match gather {
+        Gather::AllLogits => 0u32,
+        Gather::TopK(k) => k as u32,
+    };
+    out.extend_from_slice(&k.to_le_bytes());
     out.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
     for seq in seqs {
         let first_logit = match seq.logits {
@@ -57,6 +72,7 @@ pub enum PlanKind {
 /// A received plan, decoded into buffers that are reused step after step.
 #[derive(Default)]
 pub struct ReceivedPlan {
+    gather: Option<Gather>,
     tokens: Vec<u32>,
     blocks: Vec<u32>,
     seqs: Vec<SeqMeta>,
@@ -117,6 +133,10 @@ impl ReceivedPlan {
                 self.blocks.clear();
                 self.seqs.clear();
                 let mut r = Reader { bytes, at: 1 };
+                self.gather = Some(match r.u32()? {
+                    0 => Gather::AllLogits,
+                    k => Gather::TopK(k as usize),
+                });
                 let n = r.u32()?;
                 for _ in 0..n {
                     let logits = match r.u64()? {
@@ -150,18 +170,21 @@ impl ReceivedPlan {
         }
     }
 
-    /// The sequences of the last decoded forward plan.
-    pub fn seqs(&self) -> Vec<SeqStep<'_>> {
-        self.seqs
-            .iter()
-            .map(|m| SeqStep {
-                tokens: &self.tokens[m.tokens.clone()],
-                start_pos: m.start_pos,
-                blocks: &self.blocks[m.blocks.clone()],
-                logits: m.logits,
-                phase: m.phase,
-            })
-            .collect()
+    /// What the last decoded forward plan gathers.
+    pub fn gather(&self) -> Gather {
+        self.gather.unwrap_or(Gather::AllLogits)
+    }
+
+    /// The sequences of the last decoded forward plan, into `out` (cleared first).
+    pub fn seqs<'a>(&'a self, out: &mut Vec<SeqStep<'a>>) {
+        out.clear();
+        out.extend(self.seqs.iter().map(|m| SeqStep {
+            tokens: &self.tokens[m.tokens.clone()],
+            start_pos: m.start_pos,
+            blocks: &self.blocks[m.blocks.clone()],
+            logits: m.logits,
+            phase: m.phase,
+        }));
     }
 }
 
@@ -188,10 +211,13 @@ mod tests {
             },
         ];
         let mut buf = vec![];
-        encode_forward(&seqs, &mut buf);
+        encode_forward(&seqs, Gather::TopK(40), &mut buf);
         let mut plan = ReceivedPlan::default();
         assert_eq!(plan.decode(&buf).unwrap(), PlanKind::Forward);
-        assert_eq!(plan.seqs(), seqs);
+        let mut decoded = vec![];
+        plan.seqs(&mut decoded);
+        assert_eq!(decoded, seqs);
+        assert_eq!(plan.gather(), Gather::TopK(40));
         assert!(plan.decode(&buf[..buf.len() - 1]).is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! run the worker loop (receive a step plan, run the forward pass, contribute).
 
 use super::affinity;
-use super::plan::{self, PlanKind, ReceivedPlan};
+use super::plan::{self, Gather, PlanKind, ReceivedPlan};
 use crate::comm::{Comm, LocalGroup};
 use crate::kernels::{Phase, Threads};
 use crate::loader::{ModelConfig, TensorSource};
@@ -82,8 +82,10 @@ pub struct Rank {
 pub struct Driver<'a> {
     rank: &'a mut Rank,
     plan: Vec<u8>,
-    gathered: Vec<f32>,
+    buffers: GatherBuffers,
     logits: Vec<f32>,
+    /// The merged top-k candidates of `forward_top_k`.
+    top: Vec<(u32, f32)>,
     /// The block table of `forward_one`: the whole cache, in order.
     all_blocks: Vec<u32>,
 }
@@ -113,14 +115,28 @@ impl Driver<'_> {
     /// Runs one step of `seqs` on every rank; returns the full-vocabulary logits of the
     /// positions asked, sequence after sequence: `[positions × vocab]`.
     pub fn forward(&mut self, seqs: &[SeqStep]) -> Result<&[f32]> {
-        plan::encode_forward(seqs, &mut self.plan);
+        plan::encode_forward(seqs, Gather::AllLogits, &mut self.plan);
         self.rank.comm.broadcast(&mut self.plan, 0)?;
         let vocab = self.rank.model.config().vocab_size;
-        execute_forward(self.rank, seqs, &mut self.gathered)?;
-        let positions = self.gathered.len() / vocab;
+        execute_forward(self.rank, seqs, Gather::AllLogits, &mut self.buffers)?;
+        let gathered = &self.buffers.gathered;
+        let positions = gathered.len() / vocab;
         self.logits.resize(positions * vocab, 0.0);
-        interleave_vocab_shards(&self.gathered, vocab, self.tp(), &mut self.logits);
+        interleave_vocab_shards(gathered, vocab, self.tp(), &mut self.logits);
         Ok(&self.logits)
+    }
+
+    /// Runs one step of `seqs` on every rank; returns the `k` largest logits of each
+    /// position asked, as (id, logit) sorted by logit descending (ties: lower id first),
+    /// `[positions × k]`. Only each rank's own top `k` crosses ranks (vocab-parallel
+    /// selection), never the full logits. `k` is capped at the vocabulary size.
+    pub fn forward_top_k(&mut self, seqs: &[SeqStep], k: usize) -> Result<&[(u32, f32)]> {
+        let k = k.clamp(1, self.config().vocab_size);
+        plan::encode_forward(seqs, Gather::TopK(k), &mut self.plan);
+        self.rank.comm.broadcast(&mut self.plan, 0)?;
+        execute_forward(self.rank, seqs, Gather::TopK(k), &mut self.buffers)?;
+        merge_top_k(&self.buffers.gathered, self.tp(), k, &mut self.top);
+        Ok(&self.top)
     }
 
     /// One sequence that owns the whole KV cache (generation from the command line,
@@ -144,6 +160,26 @@ impl Driver<'_> {
         self.all_blocks = blocks;
         let len = result?;
         Ok(&self.logits[..len])
+    }
+
+    /// One decode step of the sequence of [`Self::forward_one`], returning its top `k`
+    /// candidates (see [`Self::forward_top_k`]).
+    pub fn forward_one_top_k(&mut self, token: u32, pos: usize, k: usize) -> Result<&[(u32, f32)]> {
+        let blocks = std::mem::take(&mut self.all_blocks);
+        let result = self.forward_top_k(
+            &[SeqStep {
+                tokens: &[token],
+                start_pos: pos,
+                blocks: &blocks,
+                logits: Logits::Last,
+                phase: Phase::Decode,
+            }],
+            k,
+        );
+        let result = result.map(|t| t.len());
+        self.all_blocks = blocks;
+        let len = result?;
+        Ok(&self.top[..len])
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -193,11 +229,81 @@ fn gather_memory(rank: &mut Rank) -> Result<Vec<RankMemory>> {
         .collect())
 }
 
-/// The forward pass every rank runs for a step; the ranks' logits are gathered into
-/// `gathered`, rank-major: `[rank][position][vocab_local]`.
-fn execute_forward(rank: &mut Rank, seqs: &[SeqStep], gathered: &mut Vec<f32>) -> Result<()> {
+/// Buffers of a rank's gather, kept across steps.
+#[derive(Default)]
+struct GatherBuffers {
+    /// This rank's top-k candidates, `[position][k][logit, id bits]`.
+    local_top: Vec<f32>,
+    /// Every rank's contribution, rank-major.
+    gathered: Vec<f32>,
+}
+
+/// The forward pass every rank runs for a step, then the gather `gather` asks for:
+/// the logits, `[rank][position][vocab_local]`, or each rank's top k,
+/// `[rank][position][k][logit, id bits]`.
+fn execute_forward(
+    rank: &mut Rank,
+    seqs: &[SeqStep],
+    gather: Gather,
+    buffers: &mut GatherBuffers,
+) -> Result<()> {
+    let vocab = rank.model.plan().vocab.clone();
     let local = rank.model.forward(seqs, &mut rank.kv, &mut *rank.comm)?;
-    rank.comm.all_gather(local, gathered)
+    match gather {
+        Gather::AllLogits => rank.comm.all_gather(local, &mut buffers.gathered),
+        Gather::TopK(k) => {
+            buffers.local_top.clear();
+            if !vocab.is_empty() {
+                for row in local.chunks_exact(vocab.len()) {
+                    push_top_k(row, vocab.start as u32, k, &mut buffers.local_top);
+                }
+            }
+            rank.comm
+                .all_gather(&buffers.local_top, &mut buffers.gathered)
+        }
+    }
+}
+
+/// Appends the `k` largest of `row` (ids from `first_id`) as `[logit, id bits]` pairs,
+/// largest first (ties: lower id first); missing places are (-inf, u32::MAX).
+fn push_top_k(row: &[f32], first_id: u32, k: usize, out: &mut Vec<f32>) {
+    let start = out.len();
+    for _ in 0..k {
+        out.extend([f32::NEG_INFINITY, f32::from_bits(u32::MAX)]);
+    }
+    let best = &mut out[start..];
+    for (i, &v) in row.iter().enumerate() {
+        // Strictly larger than the k-th: an equal value with a higher id stays out.
+        if v.total_cmp(&best[2 * k - 2]).is_le() {
+            continue;
+        }
+        let mut at = k - 1;
+        while at > 0 && v.total_cmp(&best[2 * at - 2]).is_gt() {
+            best[2 * at] = best[2 * at - 2];
+            best[2 * at + 1] = best[2 * at - 1];
+            at -= 1;
+        }
+        best[2 * at] = v;
+        best[2 * at + 1] = f32::from_bits(first_id + i as u32);
+    }
+}
+
+/// Rank 0's merge of every rank's top k (`gathered`, rank-major) into the global top k
+/// per position.
+fn merge_top_k(gathered: &[f32], tp: usize, k: usize, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    let per_rank = gathered.len() / tp;
+    let positions = per_rank / (2 * k);
+    for p in 0..positions {
+        let start = out.len();
+        for r in 0..tp {
+            let at = r * per_rank + p * 2 * k;
+            let pairs = gathered[at..at + 2 * k].chunks_exact(2);
+            out.extend(pairs.map(|c| (c[1].to_bits(), c[0])));
+        }
+        out[start..].sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.truncate(start + k);
+    }
 }
 
 /// Turns rank-major `[rank][position][vocab_local]` into `[position][vocab]`.
@@ -220,17 +326,30 @@ fn interleave_vocab_shards(gathered: &[f32], vocab: usize, tp: usize, out: &mut 
 fn worker_loop(rank: &mut Rank) -> Result<()> {
     let mut bytes = Vec::new();
     let mut plan = ReceivedPlan::default();
-    let mut gathered = Vec::new();
+    let mut buffers = GatherBuffers::default();
+    let mut steps_storage: Vec<SeqStep<'static>> = Vec::new();
     loop {
         rank.comm.broadcast(&mut bytes, 0)?;
         match plan.decode(&bytes)? {
-            PlanKind::Forward => execute_forward(rank, &plan.seqs(), &mut gathered)?,
+            PlanKind::Forward => {
+                let mut steps = recycle(std::mem::take(&mut steps_storage));
+                plan.seqs(&mut steps);
+                execute_forward(rank, &steps, plan.gather(), &mut buffers)?;
+                steps_storage = recycle(steps);
+            }
             PlanKind::ReportMemory => {
                 gather_memory(rank)?;
             }
             PlanKind::Stop => return Ok(()),
         }
     }
+}
+
+/// An emptied vector of steps with a new lifetime, keeping its allocation (collecting a
+/// vector's own iterator into an element type of the same layout reuses its buffer).
+fn recycle<'b>(mut steps: Vec<SeqStep<'_>>) -> Vec<SeqStep<'b>> {
+    steps.clear();
+    steps.into_iter().map(|_| unreachable!("emptied")).collect()
 }
 
 /// Starts `opts.tp` ranks as threads of this process, each loading its own shard of the
@@ -407,8 +526,9 @@ fn run_rank<T>(
         let mut driver = Driver {
             rank: &mut rank,
             plan: Vec::new(),
-            gathered: Vec::new(),
+            buffers: GatherBuffers::default(),
             logits: Vec::new(),
+            top: Vec::new(),
             all_blocks: (0..kv_blocks as u32).collect(),
         };
         let out = drive(&mut driver);

@@ -59,6 +59,10 @@ impl SamplingParams {
     }
 }
 
+/// The largest top-k that is sampled from vocab-parallel candidates rather than the full
+/// logits.
+pub const MAX_CANDIDATES: usize = 64;
+
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
@@ -105,20 +109,59 @@ impl Sampler {
         id
     }
 
+    /// How many of the largest logits suffice to sample exactly as from the full logits:
+    /// 1 for greedy, `top_k` for top-k sampling (up to [`MAX_CANDIDATES`]); `None` when the
+    /// full logits are needed (penalties, or sampling over the whole vocabulary).
+    pub fn candidates_needed(&self) -> Option<usize> {
+        let p = &self.params;
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            return None;
+        }
+        if p.temperature == 0.0 {
+            return Some(1);
+        }
+        (p.top_k > 0 && p.top_k <= MAX_CANDIDATES).then_some(p.top_k)
+    }
+
+    /// Chooses the next token from the largest logits only — (id, logit) sorted by logit
+    /// descending, ties lower id first, at least [`Self::candidates_needed`] of them — with
+    /// the same result as [`Self::sample`] on the full logits.
+    pub fn sample_top(&mut self, top: &[(u32, f32)]) -> u32 {
+        let id = if self.params.temperature == 0.0 {
+            top[0].0
+        } else {
+            let t = self.params.temperature;
+            self.candidates.clear();
+            self.candidates
+                .extend(top.iter().map(|&(id, l)| (id, l / t)));
+            self.pick()
+        };
+        *self.counts.entry(id).or_insert(0) += 1;
+        id
+    }
+
     fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
-        let p = &self.params;
+        let t = self.params.temperature;
         let c = &mut self.candidates;
         c.clear();
-        c.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, l / p.temperature)),
-        );
+        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        // Ordered by the logits themselves (dividing by t can merge neighbours), as the
+        // vocab-parallel candidates are.
         c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (_, v) in c.iter_mut() {
+            *v /= t;
+        }
+        self.pick()
+    }
+
+    /// Top-k, nucleus and min-p over `self.candidates` (sorted, divided by the
+    /// temperature), then one draw.
+    fn pick(&mut self) -> u32 {
+        let p = &self.params;
+        let c = &mut self.candidates;
         if p.top_k > 0 && p.top_k < c.len() {
             c.truncate(p.top_k);
         }

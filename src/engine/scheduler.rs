@@ -310,7 +310,25 @@ pub fn run(
                 }
             })
             .collect();
-        let logits = driver.forward(&steps)?.to_vec();
+        // Vocab-parallel selection unless a sequence needs the full logits.
+        let needed = plan
+            .iter()
+            .filter(|(i, range)| {
+                let seq = &running[*i];
+                seq.prompt_done() || range.end == seq.request.input_ids.len()
+            })
+            .try_fold(1, |k, (i, _)| {
+                let seq = &running[*i];
+                let need = match seq.request.params.logprobs {
+                    Some(_) => None,
+                    None => seq.sampler.candidates_needed(),
+                };
+                need.map(|n| n.max(k))
+            });
+        let out = match needed {
+            Some(k) => StepOutput::Top(driver.forward_top_k(&steps, k)?, k),
+            None => StepOutput::Logits(driver.forward(&steps)?),
+        };
         drop(steps);
 
         // Sample for every sequence that got logits, and report.
@@ -324,13 +342,21 @@ pub fn run(
                     continue;
                 }
             }
-            let l = &logits[row * vocab..(row + 1) * vocab];
+            let (id, lp) = match out {
+                StepOutput::Top(top, k) => {
+                    (seq.sampler.sample_top(&top[row * k..(row + 1) * k]), None)
+                }
+                StepOutput::Logits(logits) => {
+                    let l = &logits[row * vocab..(row + 1) * vocab];
+                    let id = seq.sampler.sample(l);
+                    let lp = seq.request.params.logprobs.map(|top| {
+                        let (logprob, top) = logprobs(l, id, top);
+                        TokenLogprob { logprob, top }
+                    });
+                    (id, lp)
+                }
+            };
             row += 1;
-            let id = seq.sampler.sample(l);
-            let lp = seq.request.params.logprobs.map(|top| {
-                let (logprob, top) = logprobs(l, id, top);
-                TokenLogprob { logprob, top }
-            });
             seq.generated.push(id);
             stats
                 .generation_tokens_total
@@ -356,6 +382,13 @@ pub fn run(
         }
         publish(stats, &running, &waiting, &pool);
     }
+}
+
+/// What a step brought back: the full logits, or each position's top k candidates.
+#[derive(Clone, Copy)]
+enum StepOutput<'a> {
+    Logits(&'a [f32]),
+    Top(&'a [(u32, f32)], usize),
 }
 
 /// Makes the batch's current shape visible to the server.

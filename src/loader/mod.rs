@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod gguf_write;
 pub mod safetensors;
 
 pub use config::{Architecture, ModelConfig};

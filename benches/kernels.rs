@@ -1,0 +1,70 @@
+//! Decode kernel throughput against the machine's read bandwidth, one thread:
+//! `cargo bench --bench kernels`. Prints GB/s of weights streamed per format, and the
+//! fraction of the measured read bandwidth that is.
+
+use std::time::Instant;
+use tpserve::bench::bandwidth::{read_bandwidth, DEFAULT_BYTES};
+use tpserve::kernels::{Matrix, Phase, QuantType, Storage, Threads};
+
+/// Random blocks with small, finite f16 scales.
+fn random_blocks(ty: QuantType, rows: usize, cols: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut w: Vec<u8> = (0..ty.bytes_for(rows * cols))
+        .map(|_| next() as u8)
+        .collect();
+    for b in w.chunks_exact_mut(ty.block_bytes()) {
+        b[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        if ty == QuantType::Q4_1 {
+            b[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
+        }
+    }
+    w
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let threads = Threads::single();
+    let roof = read_bandwidth(1, &[], DEFAULT_BYTES, 5);
+    println!("read bandwidth, 1 thread: {roof:.1} GB/s");
+    let (rows, cols) = (8192, 2048);
+    let x: Vec<f32> = (0..cols)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    for ty in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
+        let m = Matrix::new(
+            rows,
+            cols,
+            Storage::Quant(ty, random_blocks(ty, rows, cols)),
+        );
+        let mut y = vec![0.0f32; rows];
+        let mut acc = vec![0i64; rows];
+        let time = |f: &mut dyn FnMut()| {
+            let times: Vec<f64> = (0..15)
+                .map(|_| {
+                    let start = Instant::now();
+                    f();
+                    start.elapsed().as_secs_f64()
+                })
+                .collect();
+            m.bytes() as f64 / median(times) / 1e9
+        };
+        let plain = time(&mut || m.matmul(&x, 1, &mut y, &threads, Phase::Decode));
+        let fixed = time(&mut || m.matmul_fixed(&x, 1, &mut acc, 64, &threads, Phase::Decode));
+        println!(
+            "{:5} {rows}x{cols}: {plain:5.1} GB/s ({:3.0}% of read), fixed point {fixed:5.1} GB/s ({:3.0}%)",
+            ty.name(),
+            100.0 * plain / roof,
+            100.0 * fixed / roof
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! Synthetic models: a GGUF file with a real model's shapes and random weights, loadable
+//! by tpserve and by llama.cpp, to measure speed at sizes the bundled 135M model cannot
+//! reach. Its text is noise; its timing is a real model's.
+
+use crate::loader::config::Architecture;
+use crate::loader::gguf::{GgufFile, Value};
+use crate::loader::gguf_write::{write_gguf, TensorDecl};
+use crate::loader::ModelConfig;
+use anyhow::{bail, Result};
+use half::{bf16, f16};
+use std::path::Path;
+
+/// Weight formats a synthetic model can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthQuant {
+    Q4_0,
+    Q8_0,
+    Bf16,
+}
+
+impl SynthQuant {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "q4_0" => SynthQuant::Q4_0,
+            "q8_0" => SynthQuant::Q8_0,
+            "bf16" => SynthQuant::Bf16,
+            other => bail!("--quant {other} is not one of q4_0, q8_0, bf16"),
+        })
+    }
+
+    /// ggml type id, and llama.cpp's `general.file_type` for a file mostly in it.
+    fn ggml_ids(self) -> (u32, u32) {
+        match self {
+            SynthQuant::Q4_0 => (2, 2),
+            SynthQuant::Q8_0 => (8, 7),
+            SynthQuant::Bf16 => (30, 32),
+        }
+    }
+
+    /// (elements, bytes) per block.
+    fn block(self) -> (usize, usize) {
+        match self {
+            SynthQuant::Q4_0 => (32, 18),
+            SynthQuant::Q8_0 => (32, 34),
+            SynthQuant::Bf16 => (1, 2),
+        }
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct SynthSummary {
+    pub parameters: usize,
+    pub bytes: usize,
+    pub vocab_size: usize,
+    pub tensors: usize,
+}
+
+/// What to make: the shapes of `cfg` (a preset), in `quant`, with the tokenizer of
+/// `tokenizer_from` (its vocabulary size then replaces the preset's) or a byte-level one.
+pub struct SynthRequest<'a> {
+    pub name: &'a str,
+    pub cfg: ModelConfig,
+    pub quant: SynthQuant,
+    pub tokenizer_from: Option<&'a Path>,
+    pub seed: u64,
+}
+
+/// Writes the synthetic model to `out`; `progress(done, total)` after each tensor.
+pub fn synth(
+    req: &SynthRequest,
+    out: &Path,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<SynthSummary> {
+    let mut cfg = req.cfg.clone();
+    let arch = match cfg.architecture {
+        Architecture::Llama | Architecture::Mistral => "llama",
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Qwen3 => "qwen3",
+    };
+    let tokenizer = match req.tokenizer_from {
+        Some(path) => copied_tokenizer(path)?,
+        None => byte_level_tokenizer(cfg.vocab_size),
+    };
+    cfg.vocab_size = tokenizer
+        .iter()
+        .find(|(k, _)| k == "tokenizer.ggml.tokens")
+        .and_then(|(_, v)| v.as_array())
+        .map_or(cfg.vocab_size, <[Value]>::len);
+    let (quant_type, file_type) = req.quant.ggml_ids();
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (
+            "general.name".into(),
+            Value::String(format!("tpserve synth {} (random weights)", req.name)),
+        ),
+        ("general.file_type".into(), Value::U32(file_type)),
+    ];
+    let u32_of = |v: usize| Value::U32(v as u32);
+    for (key, value) in [
+        ("context_length", u32_of(cfg.max_position_embeddings)),
+        ("embedding_length", u32_of(cfg.hidden_size)),
+        ("block_count", u32_of(cfg.num_layers)),
+        ("feed_forward_length", u32_of(cfg.intermediate_size)),
+        ("rope.dimension_count", u32_of(cfg.head_dim)),
+        ("attention.head_count", u32_of(cfg.num_heads)),
+        ("attention.head_count_kv", u32_of(cfg.num_kv_heads)),
+        ("attention.key_length", u32_of(cfg.head_dim)),
+        ("attention.value_length", u32_of(cfg.head_dim)),
+        (
+            "attention.layer_norm_rms_epsilon",
+            Value::F32(cfg.rms_norm_eps),
+        ),
+        ("rope.freq_base", Value::F32(cfg.rope.theta)),
+        ("vocab_size", u32_of(cfg.vocab_size)),
+    ] {
+        metadata.push((format!("{arch}.{key}"), value));
+    }
+    metadata.extend(tokenizer);
+
+    let tensors = tensor_list(&cfg, quant_type, req.quant);
+    let total = tensors.len();
+    let mut parameters = 0;
+    let mut bytes = 0;
+    for (t, _) in &tensors {
+        parameters += t.dims.iter().product::<u64>() as usize;
+        bytes += t.bytes;
+    }
+    let (decls, kinds): (Vec<TensorDecl>, Vec<Fill>) = tensors.into_iter().unzip();
+    write_gguf(
+        out,
+        &metadata,
+        &decls,
+        |i, buf| {
+            fill(kinds[i], buf, req.seed.wrapping_add(i as u64));
+            Ok(())
+        },
+        |i| progress(i + 1, total),
+    )?;
+    Ok(SynthSummary {
+        parameters,
+        bytes,
+        vocab_size: cfg.vocab_size,
+        tensors: total,
+    })
+}
+
+/// How a tensor's bytes are made.
+#[derive(Debug, Clone, Copy)]
+enum Fill {
+    /// Norm weights: 1.0 in f32.
+    Ones,
+    /// Biases: small f32 noise.
+    SmallF32,
+    /// A weight matrix in the model's format, elements of standard deviation ~0.02.
+    Weights(SynthQuant),
+}
+
+/// Every tensor of a llama.cpp model of `cfg`'s shapes, with how to fill it.
+fn tensor_list(cfg: &ModelConfig, quant_type: u32, quant: SynthQuant) -> Vec<(TensorDecl, Fill)> {
+    let (block_elems, block_bytes) = quant.block();
+    let matrix = |name: String, cols: usize, rows: usize| {
+        (
+            TensorDecl {
+                name,
+                dims: vec![cols as u64, rows as u64],
+                ggml_type: quant_type,
+                bytes: rows * cols / block_elems * block_bytes,
+            },
+            Fill::Weights(quant),
+        )
+    };
+    let vector = |name: String, len: usize, fill: Fill| {
+        (
+            TensorDecl {
+                name,
+                dims: vec![len as u64],
+                ggml_type: 0,
+                bytes: len * 4,
+            },
+            fill,
+        )
+    };
+    let (h, d) = (cfg.hidden_size, cfg.head_dim);
+    let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+    let mut t = vec![matrix("token_embd.weight".into(), h, cfg.vocab_size)];
+    for l in 0..cfg.num_layers {
+        let name = |s: &str| format!("blk.{l}.{s}");
+        t.push(vector(name("attn_norm.weight"), h, Fill::Ones));
+        t.push(matrix(name("attn_q.weight"), h, q));
+        t.push(matrix(name("attn_k.weight"), h, kv));
+        t.push(matrix(name("attn_v.weight"), h, kv));
+        if cfg.qkv_bias {
+            t.push(vector(name("attn_q.bias"), q, Fill::SmallF32));
+            t.push(vector(name("attn_k.bias"), kv, Fill::SmallF32));
+            t.push(vector(name("attn_v.bias"), kv, Fill::SmallF32));
+        }
+        if cfg.qk_norm {
+            t.push(vector(name("attn_q_norm.weight"), d, Fill::Ones));
+            t.push(vector(name("attn_k_norm.weight"), d, Fill::Ones));
+        }
+        t.push(matrix(name("attn_output.weight"), q, h));
+        t.push(vector(name("ffn_norm.weight"), h, Fill::Ones));
+        t.push(matrix(name("ffn_gate.weight"), h, cfg.intermediate_size));
+        t.push(matrix(name("ffn_up.weight"), h, cfg.intermediate_size));
+        t.push(matrix(name("ffn_down.weight"), cfg.intermediate_size, h));
+    }
+    t.push(vector("output_norm.weight".into(), h, Fill::Ones));
+    if !cfg.tie_word_embeddings {
+        t.push(matrix("output.weight".into(), h, cfg.vocab_size));
+    }
+    t
+}
+
+/// A fast deterministic byte stream (xorshift64*).
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn bytes(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn fill(kind: Fill, buf: &mut [u8], seed: u64) {
+    let mut noise = Noise(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    match kind {
+        Fill::Ones => {
+            for c in buf.chunks_exact_mut(4) {
+                c.copy_from_slice(&1.0f32.to_le_bytes());
+            }
+        }
+        Fill::SmallF32 => {
+            for c in buf.chunks_exact_mut(4) {
+                c.copy_from_slice(&(0.01 * noise.unit()).to_le_bytes());
+            }
+        }
+        Fill::Weights(SynthQuant::Bf16) => {
+            // Uniform in ±0.035: standard deviation 0.02.
+            for c in buf.chunks_exact_mut(2) {
+                c.copy_from_slice(&bf16::from_f32(0.035 * noise.unit()).to_le_bytes());
+            }
+        }
+        Fill::Weights(q) => {
+            noise.bytes(buf);
+            // Uniform codes have a standard deviation of 4.6 (Q4_0) or 73 (Q8_0) steps.
+            let step = match q {
+                SynthQuant::Q4_0 => 0.02 / 4.6,
+                _ => 0.02 / 73.0,
+            };
+            let (_, block_bytes) = q.block();
+            for b in buf.chunks_exact_mut(block_bytes) {
+                let d = step * (1.0 + 0.25 * noise.unit());
+                b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The `tokenizer.*` metadata of another GGUF file.
+fn copied_tokenizer(path: &Path) -> Result<Vec<(String, Value)>> {
+    let file = GgufFile::open(path)?;
+    let mut keys: Vec<(String, Value)> = file
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !keys.iter().any(|(k, _)| k == "tokenizer.ggml.tokens") {
+        bail!(
+            "{} has no tokenizer (no tokenizer.ggml.tokens); give --tokenizer-from a GGUF model \
+             that has one, or leave it out for a byte-level tokenizer",
+            path.display()
+        );
+    }
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(keys)
+}
+
+/// A byte-level BPE vocabulary of `vocab_size` tokens and no merges: the 256 bytes (in
+/// GPT-2's printable form), an end-of-text token, then unused fillers.
+fn byte_level_tokenizer(vocab_size: usize) -> Vec<(String, Value)> {
+    let mut tokens: Vec<Value> = (0..=255u8)
+        .map(|b| Value::String(gpt2_byte_char(b).to_string()))
+        .collect();
+    let mut types = vec![Value::I32(1); 256];
+    tokens.push(Value::String("<|endoftext|>".into()));
+    types.push(Value::I32(3));
+    while tokens.len() < vocab_size.max(257) {
+        tokens.push(Value::String(format!("<|unused_{}|>", tokens.len())));
+        types.push(Value::I32(5));
+    }
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(256)),
+    ]
+}
+
+/// GPT-2's byte-to-character map: printable bytes stand for themselves, the others are
+/// moved to code points from 256 on.
+fn gpt2_byte_char(b: u8) -> char {
+    let printable = |c: u8| (b'!'..=b'~').contains(&c) || (0xa1..=0xac).contains(&c) || c >= 0xae;
+    if printable(b) {
+        return b as char;
+    }
+    let rank = (0..b).filter(|&c| !printable(c)).count() as u32;
+    char::from_u32(256 + rank).expect("a valid code point")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_byte_map_is_a_bijection_onto_its_known_range() {
+        let chars: std::collections::HashSet<char> = (0..=255u8).map(gpt2_byte_char).collect();
+        assert_eq!(chars.len(), 256);
+        assert_eq!(gpt2_byte_char(b' '), 'Ġ');
+        assert_eq!(gpt2_byte_char(b'\n'), 'Ċ');
+        assert_eq!(gpt2_byte_char(b'A'), 'A');
+    }
+}
