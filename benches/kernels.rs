@@ -36,7 +36,11 @@ fn main() {
     let threads = Threads::single();
     let roof = read_bandwidth(1, &[], DEFAULT_BYTES, 5);
     println!("read bandwidth, 1 thread: {roof:.1} GB/s");
-    let (rows, cols) = (8192, 2048);
+    let rows: usize = std::env::var("ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(65536);
+    let cols = 2048;
     let x: Vec<f32> = (0..cols)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
         .collect();
@@ -49,7 +53,7 @@ fn main() {
         let mut y = vec![0.0f32; rows];
         let mut acc = vec![0i64; rows];
         let time = |f: &mut dyn FnMut()| {
-            let times: Vec<f64> = (0..15)
+            let times: Vec<f64> = (0..(15 * 65536 / rows).max(15))
                 .map(|_| {
                     let start = Instant::now();
                     f();

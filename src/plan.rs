@@ -397,7 +397,7 @@ mod tests {
             let w = weight_bytes(&cfg, &src, 1, 0).unwrap();
             let params_b = w as f64 / 2.0 / 1e9;
             assert!(
-                params_b > 6.0 && params_b < 420.0,
+                params_b > 1.0 && params_b < 420.0,
                 "{name}: {params_b}B parameters"
             );
         }

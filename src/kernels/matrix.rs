@@ -4,7 +4,8 @@ use super::dot::{dot_bf16_fn, dot_f16_fn, dot_f32_fn, DotFn};
 use super::fixed::to_fixed;
 use super::gemm::{dot_2x4_fixed_fn, dot_2x4_fn};
 use super::kdot::{kdot_fn, KDotFn};
-use super::qdot::{qdot4_fns, quantize_q8, BlockQ8, Isa, QDot4FixedFn};
+use super::packed::{packed_fns, PackedRows, GROUP};
+use super::qdot::{quantize_q8, BlockQ8, Isa};
 use super::quant::QuantType;
 use super::threads::{DisjointChunks, Threads};
 use half::{bf16, f16};
@@ -16,7 +17,7 @@ pub enum Phase {
     /// Prompt tokens: rows as f32 against groups of four tokens (the 2×4 micro-kernel;
     /// a short group is padded, so every token's lanes add in the same order).
     Prefill,
-    /// Generated tokens: per-format dot products (8-bit integer ones for Q8_0/Q4_0/Q4_1).
+    /// Generated tokens: per-format dot products (8-bit integer ones for quantized rows).
     Decode,
 }
 
@@ -29,6 +30,9 @@ pub enum Storage {
     F16(Vec<f16>),
     /// GGUF blocks, row after row; every row is a whole number of blocks.
     Quant(QuantType, Vec<u8>),
+    /// Q4_0 / Q4_1 / Q8_0 rows regrouped for decode ([`PackedRows`]); what
+    /// [`Matrix::new`] makes of those formats.
+    Packed(PackedRows),
 }
 
 impl Storage {
@@ -38,6 +42,7 @@ impl Storage {
             Storage::BF16(v) => v.len(),
             Storage::F16(v) => v.len(),
             Storage::Quant(t, v) => v.len() / t.block_bytes() * t.block_elems(),
+            Storage::Packed(p) => p.rows * p.cols,
         }
     }
 
@@ -51,6 +56,7 @@ impl Storage {
             Storage::BF16(v) => v.len() * 2,
             Storage::F16(v) => v.len() * 2,
             Storage::Quant(_, v) => v.len(),
+            Storage::Packed(p) => p.bytes(),
         }
     }
 
@@ -73,6 +79,7 @@ impl Storage {
                 a.extend(b);
                 Storage::Quant(t, a)
             }
+            (Storage::Packed(a), Storage::Packed(b)) => Storage::Packed(a.concat(b)?),
             _ => anyhow::bail!("cannot fuse weights stored in different formats"),
         })
     }
@@ -100,6 +107,14 @@ impl Storage {
                 );
                 t.dequantize(&v[t.bytes_for(start)..t.bytes_for(end)], out);
             }
+            Storage::Packed(p) => {
+                let (row, col) = (start / p.cols, start % p.cols);
+                assert!(
+                    col + out.len() <= p.cols,
+                    "packed reads stay within one row"
+                );
+                p.dequantize(row, col, out);
+            }
         }
     }
 }
@@ -113,12 +128,19 @@ pub struct Matrix {
 }
 
 impl Matrix {
+    /// A matrix over `storage`; Q4_0, Q4_1 and Q8_0 blocks are regrouped for decode.
     pub fn new(rows: usize, cols: usize, storage: Storage) -> Self {
         assert_eq!(
             rows * cols,
             storage.len(),
             "matrix shape does not match its data"
         );
+        let storage = match storage {
+            Storage::Quant(ty, blocks) if PackedRows::supports(ty) => {
+                Storage::Packed(PackedRows::pack(ty, rows, cols, &blocks))
+            }
+            other => other,
+        };
         Matrix {
             rows,
             cols,
@@ -147,6 +169,24 @@ impl Matrix {
             Storage::BF16(w) => self.matmul_with(w, dot_bf16_fn(), x, tokens, y, threads),
             Storage::F16(w) => self.matmul_with(w, dot_f16_fn(), x, tokens, y, threads),
             Storage::Quant(t, w) => self.matmul_quant(*t, w, x, tokens, y, threads),
+            Storage::Packed(p) => {
+                let (dot, _) = packed_fns(p.ty, Isa::detect());
+                let out = DisjointChunks::new(&mut y[..tokens * self.rows], 1);
+                let rows = self.rows;
+                self.for_packed_groups(
+                    p,
+                    x,
+                    tokens,
+                    threads,
+                    |j, t, terms: [f32; GROUP]| {
+                        for (r, v) in terms.into_iter().enumerate().take(rows - j) {
+                            // SAFETY: rows j.. belong to this thread's groups only.
+                            unsafe { out.chunk(t * rows + j + r)[0] = v };
+                        }
+                    },
+                    dot,
+                );
+            }
         }
     }
 
@@ -170,11 +210,30 @@ impl Matrix {
         );
         assert!(x.len() >= tokens * cols && acc.len() >= tokens * rows);
         let out = DisjointI64::new(&mut acc[..tokens * rows]);
+        if let (Storage::Packed(p), Phase::Decode) = (&self.storage, phase) {
+            if segment.is_multiple_of(32) {
+                let (_, dot_fixed) = packed_fns(p.ty, Isa::detect());
+                let seg_blocks = segment / 32;
+                let dot = move |g: &[u8], x: &[BlockQ8], out: &mut [i64; GROUP]| {
+                    dot_fixed(g, x, seg_blocks, out)
+                };
+                return self.for_packed_groups(
+                    p,
+                    x,
+                    tokens,
+                    threads,
+                    |j, t, terms: [i64; GROUP]| {
+                        for (r, v) in terms.into_iter().enumerate().take(rows - j) {
+                            // SAFETY: rows j.. belong to this thread's groups only.
+                            unsafe { out.set(t * rows + j + r, v) };
+                        }
+                    },
+                    dot,
+                );
+            }
+        }
         if let Storage::Quant(ty, w) = &self.storage {
             if phase == Phase::Decode && segment.is_multiple_of(32) {
-                if let Some((_, qdot4)) = qdot4_fns(*ty, Isa::detect()) {
-                    return self.fixed_integer(*ty, w, qdot4, x, tokens, &out, segment, threads);
-                }
                 if let Some(kdot) = kdot_fn(*ty, Isa::detect()) {
                     let seg_groups = segment / 32;
                     return self.for_kquant_rows(
@@ -197,29 +256,6 @@ impl Matrix {
             }
         }
         self.fixed_f32(x, tokens, &out, segment, threads, phase);
-    }
-
-    /// Decode with integer kernels: one fixed-point term per segment of blocks.
-    #[allow(clippy::too_many_arguments)]
-    fn fixed_integer(
-        &self,
-        ty: QuantType,
-        w: &[u8],
-        qdot4: QDot4FixedFn,
-        x: &[f32],
-        tokens: usize,
-        out: &DisjointI64,
-        segment: usize,
-        threads: &Threads,
-    ) {
-        let rows = self.rows;
-        self.for_row_groups(ty, w, x, tokens, threads, |rows4, xb, group, t| {
-            let v = qdot4(rows4, xb, segment / 32);
-            for (&j, v) in group.iter().zip(v) {
-                // SAFETY: row j belongs to this thread's range only.
-                unsafe { out.set(t * rows + j, v) };
-            }
-        });
     }
 
     /// Rows as f32, segment by segment: pairs with the 2×4 kernel on groups of four tokens
@@ -321,8 +357,8 @@ impl Matrix {
         });
     }
 
-    /// Decode: the tokens are quantized to 8-bit blocks once, then rows meet them four at
-    /// a time in integer dot products (llama.cpp's method). K-quants dequantize each row.
+    /// Decode of K-quant rows (the other block formats are grouped, see
+    /// [`Self::for_packed_groups`]).
     fn matmul_quant(
         &self,
         ty: QuantType,
@@ -333,44 +369,38 @@ impl Matrix {
         threads: &Threads,
     ) {
         let rows = self.rows;
-        if let Some(kdot) = kdot_fn(ty, Isa::detect()) {
-            let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
-            return self.for_kquant_rows(ty, w, kdot, x, tokens, threads, |j, t, terms| {
-                // SAFETY: row j belongs to this thread's range only.
-                unsafe { out.chunk(t * rows + j)[0] = terms.iter().sum() };
-            });
-        }
-        let (qdot4, _) = qdot4_fns(ty, Isa::detect())
-            .expect("every block format has integer kernels (qdot or kdot)");
+        let kdot = kdot_fn(ty, Isa::detect())
+            .unwrap_or_else(|| unreachable!("{} rows are grouped at load", ty.name()));
         let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
-        self.for_row_groups(ty, w, x, tokens, threads, |rows4, xb, group, t| {
-            let v = qdot4(rows4, xb);
-            for (&j, v) in group.iter().zip(v) {
-                // SAFETY: row j belongs to this thread's range only.
-                unsafe { out.chunk(t * rows + j)[0] = v };
-            }
+        self.for_kquant_rows(ty, w, kdot, x, tokens, threads, |j, t, terms| {
+            // SAFETY: row j belongs to this thread's range only.
+            unsafe { out.chunk(t * rows + j)[0] = terms.iter().sum() };
         });
     }
 
-    /// Decode over integer kernels: quantizes the tokens to 8-bit blocks once, then calls
-    /// `f(rows, token_blocks, row_ids, token)` for every group of four rows of a thread's
-    /// range and every token.
-    fn for_row_groups(
+    /// Decode over grouped rows: quantizes the tokens to 8-bit blocks once, then
+    /// `put(first_row, token, values)` receives `dot(group, token_blocks)` for every group of
+    /// eight rows of a thread's range and every token (rows past the matrix are padding).
+    fn for_packed_groups<T: Default + Copy>(
         &self,
-        ty: QuantType,
-        w: &[u8],
+        p: &PackedRows,
         x: &[f32],
         tokens: usize,
         threads: &Threads,
-        f: impl Fn([&[u8]; 4], &[BlockQ8], [usize; 4], usize) + Sync,
+        put: impl Fn(usize, usize, [T; GROUP]) + Sync,
+        dot: impl Fn(&[u8], &[BlockQ8], &mut [T; GROUP]) + Sync,
     ) {
-        let row_bytes = ty.bytes_for(self.cols);
         with_quantized_tokens(x, tokens, self.cols, |xq, per_token| {
-            threads.for_each_range(self.rows, |range| {
-                for group in row_groups(range) {
-                    let rows4 = group.map(|j| &w[j * row_bytes..(j + 1) * row_bytes]);
+            threads.for_each_range(p.groups(), |range| {
+                let mut terms = [T::default(); GROUP];
+                for g in range {
                     for t in 0..tokens {
-                        f(rows4, &xq[t * per_token..(t + 1) * per_token], group, t);
+                        dot(
+                            p.group(g),
+                            &xq[t * per_token..(t + 1) * per_token],
+                            &mut terms,
+                        );
+                        put(g * GROUP, t, terms);
                     }
                 }
             });
@@ -513,27 +543,35 @@ mod tests {
     use crate::kernels::fixed::from_fixed;
     use rand::{Rng, SeedableRng};
 
-    /// K-quant decode products (integer kernels) against f32 products of the dequantized
-    /// rows, plain and in fixed point.
+    /// Quantized decode products (integer kernels: grouped rows, K-quants) against f32
+    /// products of the dequantized rows, plain and in fixed point, on row counts that leave
+    /// a partial group, with one and two threads.
     #[test]
-    fn k_quant_decode_matches_dequantized_rows() {
+    fn quantized_decode_matches_dequantized_rows() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-        for ty in [QuantType::Q4K, QuantType::Q6K] {
-            let (rows, cols) = (6, 512);
+        let types = [
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q8_0,
+            QuantType::Q4K,
+            QuantType::Q6K,
+        ];
+        for (ty, threads) in types.into_iter().flat_map(|t| [(t, 1), (t, 2)]) {
+            let (rows, cols) = (21, 512);
             let mut w: Vec<u8> = (0..ty.bytes_for(rows * cols))
                 .map(|_| rng.random())
                 .collect();
             for b in w.chunks_exact_mut(ty.block_bytes()) {
                 let d = half::f16::from_f32(rng.random_range(0.001..0.02)).to_le_bytes();
-                let at = if ty == QuantType::Q4K { 0 } else { 208 };
+                let at = if ty == QuantType::Q6K { 208 } else { 0 };
                 b[at..at + 2].copy_from_slice(&d);
-                if ty == QuantType::Q4K {
+                if matches!(ty, QuantType::Q4K | QuantType::Q4_1) {
                     b[2..4].copy_from_slice(&d);
                 }
             }
             let m = Matrix::new(rows, cols, Storage::Quant(ty, w));
             let x: Vec<f32> = (0..2 * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let threads = Threads::single();
+            let threads = Threads::new(threads, &[]).unwrap();
             let mut y = vec![0.0; 2 * rows];
             m.matmul(&x, 2, &mut y, &threads, Phase::Decode);
             let mut acc = vec![0i64; 2 * rows];

@@ -8,6 +8,7 @@ pub mod gemm;
 pub mod kdot;
 pub mod matrix;
 pub mod ops;
+pub mod packed;
 pub mod qdot;
 pub mod quant;
 pub mod threads;

@@ -1,0 +1,580 @@
+//! Decode layout for Q4_0, Q4_1 and Q8_0 weights: rows interleaved in groups of eight
+//! (llama.cpp's "repacking"), so that one 8-lane integer dot product serves eight rows.
+//!
+//! Row-major blocks make a kernel reduce the lanes of every row and block horizontally;
+//! here lane `r` of every vector belongs to row `r` of the group, the eight scales of a
+//! block are one 16-byte load, and a block costs a few instructions for all eight rows.
+//! Decode then reads weights as fast as memory delivers them.
+//!
+//! Per group of eight rows and per block of 32 columns, `stride` bytes:
+//! - the eight rows' f16 scales (16 bytes); for Q4_1, then the eight f16 minimums;
+//! - the weights as unsigned codes (Q4: `q`, 0..15; Q8_0: `q + 128`), in steps of four
+//!   columns: step `s` holds columns `4s..4s+4` of row `r` at bytes `4r..4r+4` of a 32-byte
+//!   vector. Q8_0 stores the eight steps one after the other; Q4 packs step `2i` in the low
+//!   and step `2i + 1` in the high nibbles of vector `i`.
+//!
+//! A row's dot product is Σ_blocks d_w·d_x·(Σ code·x − offset·Σx) (+ m_w·s_x for Q4_1),
+//! each block's integer sum exact, accumulated with one fused multiply-add per block in
+//! block order; the scalar twin does exactly that, so every ISA gives the same bits.
+
+use super::fixed::to_fixed;
+use super::qdot::{BlockQ8, Isa};
+use super::quant::{f16_at, QuantType};
+use half::f16;
+
+/// Rows per group.
+pub const GROUP: usize = 8;
+
+/// A quantized matrix in the grouped decode layout (rows padded to a multiple of eight
+/// with zero rows).
+#[derive(Debug, Clone)]
+pub struct PackedRows {
+    pub ty: QuantType,
+    pub rows: usize,
+    pub cols: usize,
+    data: Vec<u8>,
+}
+
+/// Eight rows of one group · one token's activation blocks, as f32.
+pub type PackedDotFn = fn(&[u8], &[BlockQ8], &mut [f32; GROUP]);
+
+/// The same, summed per segment of `seg_blocks` blocks, each in fixed point (see
+/// [`super::fixed`]).
+pub type PackedDotFixedFn = fn(&[u8], &[BlockQ8], usize, &mut [i64; GROUP]);
+
+/// Bytes of the scale header of one block of a group.
+fn header_bytes(ty: QuantType) -> usize {
+    if ty == QuantType::Q4_1 {
+        32
+    } else {
+        16
+    }
+}
+
+/// What the codes are offset by: weight = d · (code − offset) (+ m for Q4_1).
+fn code_offset(ty: QuantType) -> i32 {
+    match ty {
+        QuantType::Q4_0 => 8,
+        QuantType::Q8_0 => 128,
+        _ => 0,
+    }
+}
+
+impl PackedRows {
+    /// Whether `ty` has the grouped layout.
+    pub fn supports(ty: QuantType) -> bool {
+        matches!(ty, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0)
+    }
+
+    /// Bytes of one block of one group.
+    fn stride(ty: QuantType) -> usize {
+        GROUP * ty.block_bytes()
+    }
+
+    /// Regroups `rows` GGUF rows of `cols` weights (`blocks`, row-major).
+    pub fn pack(ty: QuantType, rows: usize, cols: usize, blocks: &[u8]) -> Self {
+        assert!(Self::supports(ty), "{} has no grouped layout", ty.name());
+        let (bb, nb) = (ty.block_bytes(), cols / 32);
+        assert_eq!(
+            blocks.len(),
+            rows * nb * bb,
+            "blocks do not match the shape"
+        );
+        let groups = rows.div_ceil(GROUP);
+        let stride = Self::stride(ty);
+        let mut data = vec![0u8; groups * nb * stride];
+        let header = header_bytes(ty);
+        for j in 0..rows {
+            let (g, r) = (j / GROUP, j % GROUP);
+            for b in 0..nb {
+                let src = &blocks[(j * nb + b) * bb..(j * nb + b + 1) * bb];
+                let dst = &mut data[(g * nb + b) * stride..(g * nb + b + 1) * stride];
+                dst[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
+                if ty == QuantType::Q4_1 {
+                    dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&src[2..4]);
+                }
+                let codes = block_codes(ty, src);
+                let q = &mut dst[header..];
+                for (i, &c) in codes.iter().enumerate() {
+                    let (step, k) = (i / 4, i % 4);
+                    if ty == QuantType::Q8_0 {
+                        q[32 * step + 4 * r + k] = c;
+                    } else {
+                        let at = 32 * (step / 2) + 4 * r + k;
+                        q[at] |= if step % 2 == 0 { c } else { c << 4 };
+                    }
+                }
+            }
+        }
+        PackedRows {
+            ty,
+            rows,
+            cols,
+            data,
+        }
+    }
+
+    /// Bytes the matrix holds in the model's format (padding rows not counted).
+    pub fn bytes(&self) -> usize {
+        self.rows * self.ty.bytes_for(self.cols)
+    }
+
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(GROUP)
+    }
+
+    /// The bytes of group `g`: its blocks, in column order.
+    pub fn group(&self, g: usize) -> &[u8] {
+        let len = self.cols / 32 * Self::stride(self.ty);
+        &self.data[g * len..(g + 1) * len]
+    }
+
+    /// The rows back in GGUF's row-major blocks.
+    pub fn to_blocks(&self) -> Vec<u8> {
+        let (ty, nb) = (self.ty, self.cols / 32);
+        let (bb, stride, header) = (ty.block_bytes(), Self::stride(ty), header_bytes(ty));
+        let mut out = vec![0u8; self.rows * nb * bb];
+        for (j, row) in out.chunks_exact_mut(nb * bb).enumerate() {
+            let (g, r) = (j / GROUP, j % GROUP);
+            let group = self.group(g);
+            for (b, dst) in row.chunks_exact_mut(bb).enumerate() {
+                let block = &group[b * stride..(b + 1) * stride];
+                dst[0..2].copy_from_slice(&block[2 * r..2 * r + 2]);
+                if ty == QuantType::Q4_1 {
+                    dst[2..4].copy_from_slice(&block[16 + 2 * r..16 + 2 * r + 2]);
+                }
+                let q = &block[header..];
+                if ty == QuantType::Q8_0 {
+                    for i in 0..32 {
+                        dst[2 + i] = (code_at(ty, q, r, i) as i16 - 128) as i8 as u8;
+                    }
+                } else {
+                    for (i, byte) in dst[bb - 16..].iter_mut().enumerate() {
+                        *byte = code_at(ty, q, r, i) | code_at(ty, q, r, i + 16) << 4;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `self`'s rows followed by `other`'s (fusing weights row-wise).
+    pub fn concat(self, other: PackedRows) -> anyhow::Result<PackedRows> {
+        if self.ty != other.ty || self.cols != other.cols {
+            anyhow::bail!("cannot fuse weights of different formats or widths");
+        }
+        if self.rows.is_multiple_of(GROUP) {
+            let mut data = self.data;
+            data.extend(other.data);
+            return Ok(PackedRows {
+                rows: self.rows + other.rows,
+                data,
+                ..self
+            });
+        }
+        let blocks = [self.to_blocks(), other.to_blocks()].concat();
+        Ok(PackedRows::pack(
+            self.ty,
+            self.rows + other.rows,
+            self.cols,
+            &blocks,
+        ))
+    }
+
+    /// Row `j`, weights `start..start + out.len()` (whole blocks), as f32.
+    pub fn dequantize(&self, j: usize, start: usize, out: &mut [f32]) {
+        assert!(
+            start.is_multiple_of(32) && out.len().is_multiple_of(32),
+            "whole blocks only"
+        );
+        let (g, r) = (j / GROUP, j % GROUP);
+        let group = self.group(g);
+        let stride = Self::stride(self.ty);
+        let offset = code_offset(self.ty) as f32;
+        for (k, y) in out.chunks_exact_mut(32).enumerate() {
+            let block = &group[(start / 32 + k) * stride..(start / 32 + k + 1) * stride];
+            let d = f16_at(block, 2 * r);
+            let m = match self.ty {
+                QuantType::Q4_1 => f16_at(block, 16 + 2 * r),
+                _ => 0.0,
+            };
+            let q = &block[header_bytes(self.ty)..];
+            for (i, v) in y.iter_mut().enumerate() {
+                *v = d * (code_at(self.ty, q, r, i) as f32 - offset) + m;
+            }
+        }
+    }
+}
+
+/// The 32 unsigned codes of a GGUF block.
+fn block_codes(ty: QuantType, block: &[u8]) -> [u8; 32] {
+    let mut codes = [0u8; 32];
+    match ty {
+        QuantType::Q8_0 => {
+            for (c, &q) in codes.iter_mut().zip(&block[2..34]) {
+                *c = (q as i8 as i16 + 128) as u8;
+            }
+        }
+        _ => {
+            let qs = &block[block.len() - 16..];
+            for i in 0..16 {
+                codes[i] = qs[i] & 0x0f;
+                codes[i + 16] = qs[i] >> 4;
+            }
+        }
+    }
+    codes
+}
+
+/// Code of column `i` of row `r` in a block's code bytes `q`.
+fn code_at(ty: QuantType, q: &[u8], r: usize, i: usize) -> u8 {
+    let (step, k) = (i / 4, i % 4);
+    if ty == QuantType::Q8_0 {
+        q[32 * step + 4 * r + k]
+    } else {
+        let byte = q[32 * (step / 2) + 4 * r + k];
+        if step % 2 == 0 {
+            byte & 0x0f
+        } else {
+            byte >> 4
+        }
+    }
+}
+
+/// The grouped kernels of `ty` on `isa`.
+pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
+    macro_rules! twin {
+        ($ty:expr) => {
+            (
+                |g, x, out| scalar::dot(g, x, $ty, out),
+                |g, x, s, out| scalar::dot_fixed(g, x, $ty, s, out),
+            )
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! simd {
+        ($f32:ident, $fixed:ident, $fmt:expr) => {
+            (
+                |g, x, out| unsafe { x86::$f32::<$fmt>(g, x, out) },
+                |g, x, s, out| unsafe { x86::$fixed::<$fmt>(g, x, s, out) },
+            )
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use x86::{Q4_0, Q4_1, Q8_0};
+        match (ty, isa) {
+            (QuantType::Q4_0, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4_0),
+            (QuantType::Q4_1, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4_1),
+            (QuantType::Q8_0, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q8_0),
+            (QuantType::Q4_0, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q4_0),
+            (QuantType::Q4_1, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q4_1),
+            (QuantType::Q8_0, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q8_0),
+            _ => {}
+        }
+    }
+    match ty {
+        QuantType::Q4_0 => twin!(QuantType::Q4_0),
+        QuantType::Q4_1 => twin!(QuantType::Q4_1),
+        QuantType::Q8_0 => twin!(QuantType::Q8_0),
+        other => panic!("{} has no grouped layout", other.name()),
+    }
+}
+
+/// The scalar twins: the arithmetic of the SIMD kernels, lane by lane.
+pub mod scalar {
+    use super::*;
+
+    /// Row `r`'s contribution of one block (`block`: the group's bytes of that block) added
+    /// to `acc` as the SIMD kernels add it.
+    fn block_term(ty: QuantType, block: &[u8], a: &BlockQ8, r: usize, acc: f32) -> f32 {
+        let q = &block[header_bytes(ty)..];
+        let sum: i32 = (0..32)
+            .map(|i| code_at(ty, q, r, i) as i32 * a.qs[i] as i32)
+            .sum::<i32>()
+            - code_offset(ty) * a.sum;
+        let scale =
+            f16::from_bits(u16::from_le_bytes([block[2 * r], block[2 * r + 1]])).to_f32() * a.d;
+        let acc = (sum as f32).mul_add(scale, acc);
+        if ty == QuantType::Q4_1 {
+            f16_at(block, 16 + 2 * r).mul_add(a.s, acc)
+        } else {
+            acc
+        }
+    }
+
+    pub fn dot(group: &[u8], x: &[BlockQ8], ty: QuantType, out: &mut [f32; GROUP]) {
+        let stride = PackedRows::stride(ty);
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = group
+                .chunks_exact(stride)
+                .zip(x)
+                .fold(0.0, |acc, (block, a)| block_term(ty, block, a, r, acc));
+        }
+    }
+
+    pub fn dot_fixed(
+        group: &[u8],
+        x: &[BlockQ8],
+        ty: QuantType,
+        seg_blocks: usize,
+        out: &mut [i64; GROUP],
+    ) {
+        let stride = PackedRows::stride(ty);
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = group
+                .chunks_exact(stride * seg_blocks)
+                .zip(x.chunks_exact(seg_blocks))
+                .map(|(seg, xs)| {
+                    let sum = seg
+                        .chunks_exact(stride)
+                        .zip(xs)
+                        .fold(0.0, |acc, (block, a)| block_term(ty, block, a, r, acc));
+                    to_fixed(sum)
+                })
+                .sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{header_bytes, PackedRows, GROUP};
+    use crate::kernels::fixed::x86::to_fixed4;
+    use crate::kernels::qdot::BlockQ8;
+    use crate::kernels::quant::QuantType;
+    use std::arch::x86_64::*;
+
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q8_0: u8 = 2;
+
+    const fn quant_type(fmt: u8) -> QuantType {
+        match fmt {
+            Q4_0 => QuantType::Q4_0,
+            Q4_1 => QuantType::Q4_1,
+            _ => QuantType::Q8_0,
+        }
+    }
+
+    /// The four activations of step `s` in every lane.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn step_x(a: &BlockQ8, s: usize) -> __m256i {
+        _mm256_set1_epi32((a.qs.as_ptr().add(4 * s) as *const i32).read_unaligned())
+    }
+
+    /// Σ code·x per row (lane) of one block, with the AVX2 u8×i8 product. Codes of
+    /// Q8_0 reach 255, where u8×i8 pairs overflow AVX2's 16-bit sums: those are multiplied
+    /// as signed weights (code − 128) and the offset added back.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_sums_avx2<const FMT: u8>(q: *const u8, a: &BlockQ8) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let dot = |u: __m256i, s: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones);
+        let mut acc = [_mm256_setzero_si256(); 2];
+        if FMT == Q8_0 {
+            let flip = _mm256_set1_epi8(-128);
+            for s in 0..8 {
+                let w = _mm256_xor_si256(_mm256_loadu_si256(q.add(32 * s) as *const __m256i), flip);
+                let x = step_x(a, s);
+                let p = dot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                acc[s % 2] = _mm256_add_epi32(acc[s % 2], p);
+            }
+            let signed = _mm256_add_epi32(acc[0], acc[1]);
+            return _mm256_add_epi32(signed, _mm256_set1_epi32(128 * a.sum));
+        }
+        let mask = _mm256_set1_epi8(0x0f);
+        for i in 0..4 {
+            let p = _mm256_loadu_si256(q.add(32 * i) as *const __m256i);
+            let lo = _mm256_and_si256(p, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+            acc[0] = _mm256_add_epi32(acc[0], dot(lo, step_x(a, 2 * i)));
+            acc[1] = _mm256_add_epi32(acc[1], dot(hi, step_x(a, 2 * i + 1)));
+        }
+        _mm256_add_epi32(acc[0], acc[1])
+    }
+
+    /// The same with AVX-512 VNNI: one instruction per step, no 16-bit intermediate.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn block_sums_vnni<const FMT: u8>(q: *const u8, a: &BlockQ8) -> __m256i {
+        let mut acc = [_mm256_setzero_si256(); 2];
+        if FMT == Q8_0 {
+            for s in 0..8 {
+                let w = _mm256_loadu_si256(q.add(32 * s) as *const __m256i);
+                acc[s % 2] = _mm256_dpbusd_epi32(acc[s % 2], w, step_x(a, s));
+            }
+        } else {
+            let mask = _mm256_set1_epi8(0x0f);
+            for i in 0..4 {
+                let p = _mm256_loadu_si256(q.add(32 * i) as *const __m256i);
+                let lo = _mm256_and_si256(p, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+                acc[0] = _mm256_dpbusd_epi32(acc[0], lo, step_x(a, 2 * i));
+                acc[1] = _mm256_dpbusd_epi32(acc[1], hi, step_x(a, 2 * i + 1));
+            }
+        }
+        _mm256_add_epi32(acc[0], acc[1])
+    }
+
+    /// For one instruction set: the group's dot products over `x` from `acc` on, and the
+    /// two public kernels (f32 rows, fixed-point segments).
+    macro_rules! kernels {
+        ($blocks:ident, $f32:ident, $fixed:ident, $sums:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $blocks<const FMT: u8>(group: *const u8, x: &[BlockQ8]) -> __m256 {
+                let ty = quant_type(FMT);
+                let stride = PackedRows::stride(ty);
+                let offset = super::code_offset(ty);
+                let mut acc = _mm256_setzero_ps();
+                for (b, a) in x.iter().enumerate() {
+                    let block = group.add(b * stride);
+                    let mut sums = $sums::<FMT>(block.add(header_bytes(ty)), a);
+                    if offset != 0 {
+                        sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(offset * a.sum));
+                    }
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(block as *const __m128i));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+                    if FMT == Q4_1 {
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(block.add(16) as *const __m128i));
+                        acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc);
+                    }
+                }
+                acc
+            }
+
+            /// # Safety
+            /// The CPU must support the enabled features.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $f32<const FMT: u8>(group: &[u8], x: &[BlockQ8], out: &mut [f32; GROUP]) {
+                assert_eq!(group.len(), x.len() * PackedRows::stride(quant_type(FMT)));
+                _mm256_storeu_ps(out.as_mut_ptr(), $blocks::<FMT>(group.as_ptr(), x));
+            }
+
+            /// # Safety
+            /// The CPU must support the enabled features.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $fixed<const FMT: u8>(
+                group: &[u8],
+                x: &[BlockQ8],
+                seg_blocks: usize,
+                out: &mut [i64; GROUP],
+            ) {
+                let stride = PackedRows::stride(quant_type(FMT));
+                assert!(seg_blocks > 0 && x.len().is_multiple_of(seg_blocks));
+                assert_eq!(group.len(), x.len() * stride);
+                let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for (s, xs) in x.chunks_exact(seg_blocks).enumerate() {
+                    let seg = $blocks::<FMT>(group.as_ptr().add(s * seg_blocks * stride), xs);
+                    lo = _mm256_add_epi64(lo, to_fixed4(_mm256_castps256_ps128(seg)));
+                    hi = _mm256_add_epi64(hi, to_fixed4(_mm256_extractf128_ps(seg, 1)));
+                }
+                _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, lo);
+                _mm256_storeu_si256(out.as_mut_ptr().add(4) as *mut __m256i, hi);
+            }
+        };
+    }
+
+    kernels!(
+        blocks_avx2,
+        dot_avx2,
+        dot_fixed_avx2,
+        block_sums_avx2,
+        "avx2,fma,f16c"
+    );
+    kernels!(
+        blocks_vnni,
+        dot_vnni,
+        dot_fixed_vnni,
+        block_sums_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::qdot::quantize_q8;
+    use rand::{Rng, SeedableRng};
+
+    /// Random GGUF rows of `ty` with sane f16 scales.
+    fn random_rows(ty: QuantType, rows: usize, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+        let mut data: Vec<u8> = (0..rows * blocks * ty.block_bytes())
+            .map(|_| rng.random())
+            .collect();
+        for b in data.chunks_exact_mut(ty.block_bytes()) {
+            b[0..2].copy_from_slice(&f16::from_f32(rng.random_range(-0.1..0.1)).to_le_bytes());
+            if ty == QuantType::Q4_1 {
+                b[2..4].copy_from_slice(&f16::from_f32(rng.random_range(-0.5..0.5)).to_le_bytes());
+            }
+        }
+        data
+    }
+
+    const TYPES: [QuantType; 3] = [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0];
+
+    #[test]
+    fn packing_keeps_every_weight() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for ty in TYPES {
+            for rows in [1, 8, 13] {
+                let blocks = 3;
+                let data = random_rows(ty, rows, blocks, &mut rng);
+                let packed = PackedRows::pack(ty, rows, blocks * 32, &data);
+                assert_eq!(packed.bytes(), data.len());
+                assert_eq!(packed.to_blocks(), data, "{ty:?}: blocks round-trip");
+                for j in 0..rows {
+                    let mut want = vec![0.0; blocks * 32];
+                    let row_bytes = blocks * ty.block_bytes();
+                    ty.dequantize(&data[j * row_bytes..(j + 1) * row_bytes], &mut want);
+                    let mut got = vec![0.0; 64];
+                    packed.dequantize(j, 32, &mut got);
+                    assert_eq!(got, want[32..96], "{ty:?} row {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_equals_the_scalar_twin_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        for ty in TYPES {
+            for blocks in [1, 2, 6, 48] {
+                let data = random_rows(ty, GROUP, blocks, &mut rng);
+                let packed = PackedRows::pack(ty, GROUP, blocks * 32, &data);
+                let x: Vec<f32> = (0..blocks * 32)
+                    .map(|_| rng.random_range(-3.0..3.0))
+                    .collect();
+                let mut q = vec![BlockQ8::default(); blocks];
+                quantize_q8(&x, &mut q);
+                let seg = if blocks % 2 == 0 { 2 } else { 1 };
+                let (twin, twin_fixed) = packed_fns(ty, Isa::Scalar);
+                let (mut want, mut want_fixed) = ([0.0; GROUP], [0; GROUP]);
+                twin(packed.group(0), &q, &mut want);
+                twin_fixed(packed.group(0), &q, seg, &mut want_fixed);
+                for isa in Isa::available() {
+                    let (f, fixed) = packed_fns(ty, isa);
+                    let (mut got, mut got_fixed) = ([0.0; GROUP], [0; GROUP]);
+                    f(packed.group(0), &q, &mut got);
+                    fixed(packed.group(0), &q, seg, &mut got_fixed);
+                    assert_eq!(got, want, "{ty:?} {isa:?} {blocks} blocks");
+                    assert_eq!(
+                        got_fixed, want_fixed,
+                        "{ty:?} {isa:?} {blocks} blocks, fixed"
+                    );
+                }
+                // And the twin is the dot product of the dequantized rows, to 8-bit
+                // activation precision.
+                for (r, &w) in want.iter().enumerate() {
+                    let mut row = vec![0.0; blocks * 32];
+                    packed.dequantize(r, 0, &mut row);
+                    let exact: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+                    let norm: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                    assert!(
+                        (w - exact).abs() <= 0.01 * norm + 1e-5,
+                        "{ty:?}: {w} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+}
