@@ -2,3 +2,4 @@
 //! prefill and decode through the whole engine (`tpserve bench`).
 
 pub mod bandwidth;
+pub mod one_batch;

@@ -1,5 +1,6 @@
 //! Command-line front end: parse, call the library, print. Thin on purpose.
 
+mod bench;
 mod bench_serving;
 mod comm_bench;
 mod generate;
@@ -30,6 +31,9 @@ pub enum Command {
     /// Serve the model over HTTP: OpenAI and SGLang APIs (SGLang's launch_server).
     #[command(alias = "launch_server")]
     Serve(serve::ServeArgs),
+    /// Prefill and decode speed of one batch per tp size, against memory bandwidth
+    /// (SGLang's bench_one_batch), with the TP scaling table.
+    Bench(bench::BenchArgs),
     /// Load-test a running server (SGLang's bench_serving): throughput, TTFT, ITL.
     BenchServing(bench_serving::BenchServingArgs),
     /// Memory and communication per tp size, and the recommended tp (from a model or preset).
@@ -46,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::BenchServing(args) => bench_serving::run(args),
         Command::Plan(args) => plan::run(args),
         Command::CommBench(args) => comm_bench::run(args),

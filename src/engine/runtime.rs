@@ -209,22 +209,32 @@ impl Driver<'_> {
 pub struct RankMemory {
     pub weight_bytes: usize,
     pub kv_bytes_per_token: usize,
+    /// Weight bytes a decode step reads (see [`Model::decode_read_bytes`]).
+    pub decode_read_bytes: usize,
+    /// Anonymous resident memory of the rank's process (threads of one process share it).
+    pub process_anon_bytes: usize,
 }
 
 /// Every rank's [`RankMemory`], exactly: each fills its own slots and an integer
 /// all-reduce assembles them.
 fn gather_memory(rank: &mut Rank) -> Result<Vec<RankMemory>> {
     let (r, n) = (rank.comm.rank(), rank.comm.size());
-    let mut all = vec![0i64; 2 * n];
+    const FIELDS: usize = 4;
+    let mut all = vec![0i64; FIELDS * n];
     let kv = &rank.kv;
-    all[2 * r] = rank.model.weight_bytes() as i64;
-    all[2 * r + 1] = (kv.bytes() / (kv.num_blocks() * kv.block_size())) as i64;
+    let mine = &mut all[FIELDS * r..FIELDS * (r + 1)];
+    mine[0] = rank.model.weight_bytes() as i64;
+    mine[1] = (kv.bytes() / (kv.num_blocks() * kv.block_size())) as i64;
+    mine[2] = rank.model.decode_read_bytes() as i64;
+    mine[3] = process_anon_bytes().unwrap_or(0) as i64;
     rank.comm.all_reduce_sum_i64(&mut all)?;
     Ok(all
-        .chunks_exact(2)
+        .chunks_exact(FIELDS)
         .map(|m| RankMemory {
             weight_bytes: m[0] as usize,
             kv_bytes_per_token: m[1] as usize,
+            decode_read_bytes: m[2] as usize,
+            process_anon_bytes: m[3] as usize,
         })
         .collect())
 }
@@ -236,6 +246,15 @@ struct GatherBuffers {
     local_top: Vec<f32>,
     /// Every rank's contribution, rank-major.
     gathered: Vec<f32>,
+}
+
+/// Anonymous resident memory of this process (Linux `RssAnon`: what it allocated and
+/// touched, not the mapped model file); `None` where the OS does not say.
+fn process_anon_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The forward pass every rank runs for a step, then the gather `gather` asks for:
@@ -332,10 +351,10 @@ fn worker_loop(rank: &mut Rank) -> Result<()> {
         rank.comm.broadcast(&mut bytes, 0)?;
         match plan.decode(&bytes)? {
             PlanKind::Forward => {
-                let mut steps = recycle(std::mem::take(&mut steps_storage));
+                let mut steps = SeqStep::recycle(std::mem::take(&mut steps_storage));
                 plan.seqs(&mut steps);
                 execute_forward(rank, &steps, plan.gather(), &mut buffers)?;
-                steps_storage = recycle(steps);
+                steps_storage = SeqStep::recycle(steps);
             }
             PlanKind::ReportMemory => {
                 gather_memory(rank)?;
@@ -343,13 +362,6 @@ fn worker_loop(rank: &mut Rank) -> Result<()> {
             PlanKind::Stop => return Ok(()),
         }
     }
-}
-
-/// An emptied vector of steps with a new lifetime, keeping its allocation (collecting a
-/// vector's own iterator into an element type of the same layout reuses its buffer).
-fn recycle<'b>(mut steps: Vec<SeqStep<'_>>) -> Vec<SeqStep<'b>> {
-    steps.clear();
-    steps.into_iter().map(|_| unreachable!("emptied")).collect()
 }
 
 /// Starts `opts.tp` ranks as threads of this process, each loading its own shard of the
@@ -514,7 +526,7 @@ fn run_rank<T>(
         // Ranks on other machines may see other memory sizes: rank 0's cache size rules.
         let kv_blocks = agree(&mut *comm, opts.kv_blocks)?;
         let threads = Threads::new(threads_per_rank, cores)?;
-        let model = Model::load(src, cfg, tp, rank_id, threads, opts.progress.as_deref())?;
+        let mut model = Model::load(src, cfg, tp, rank_id, threads, opts.progress.as_deref())?;
         let kv = model.new_kv_cache(kv_blocks, opts.block_size);
         // Every rank has its shard before any plan flows.
         comm.barrier()?;

@@ -12,12 +12,15 @@ use half::{bf16, f16};
 
 /// Which kernels a product's tokens take. The choice follows the tokens' role, never how
 /// many share a step, so a sequence computes the same numbers alone or in any batch.
+/// Q4_0/Q4_1/Q8_0 rows take their grouped integer kernels in both phases (as llama.cpp,
+/// prompt activations are quantized to 8 bits too); the phase picks the kernels of the
+/// other formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Prompt tokens: rows as f32 against groups of four tokens (the 2×4 micro-kernel;
     /// a short group is padded, so every token's lanes add in the same order).
     Prefill,
-    /// Generated tokens: per-format dot products (8-bit integer ones for quantized rows).
+    /// Generated tokens: per-format dot products (8-bit integer ones for K-quants).
     Decode,
 }
 
@@ -161,7 +164,8 @@ impl Matrix {
     /// `y` (`tokens × rows`). Each weight row is read once for all tokens.
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32], threads: &Threads, phase: Phase) {
         assert!(x.len() >= tokens * self.cols && y.len() >= tokens * self.rows);
-        if phase == Phase::Prefill {
+        let grouped = matches!(self.storage, Storage::Packed(_));
+        if phase == Phase::Prefill && !grouped {
             return self.matmul_panels(x, tokens, y, threads);
         }
         match &self.storage {
@@ -210,7 +214,7 @@ impl Matrix {
         );
         assert!(x.len() >= tokens * cols && acc.len() >= tokens * rows);
         let out = DisjointI64::new(&mut acc[..tokens * rows]);
-        if let (Storage::Packed(p), Phase::Decode) = (&self.storage, phase) {
+        if let Storage::Packed(p) = &self.storage {
             if segment.is_multiple_of(32) {
                 let (_, dot_fixed) = packed_fns(p.ty, Isa::detect());
                 let seg_blocks = segment / 32;

@@ -92,4 +92,18 @@ impl<'a> DisjointChunks<'a> {
         assert!(i < self.chunks, "chunk {i} out of {}", self.chunks);
         std::slice::from_raw_parts_mut(self.ptr.add(i * self.chunk), self.chunk)
     }
+
+    /// Chunks `r` as one slice.
+    ///
+    /// # Safety
+    /// As [`Self::chunk`], for every chunk of the range.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, r: std::ops::Range<usize>) -> &mut [f32] {
+        assert!(
+            r.start <= r.end && r.end <= self.chunks,
+            "chunks {r:?} out of {}",
+            self.chunks
+        );
+        std::slice::from_raw_parts_mut(self.ptr.add(r.start * self.chunk), r.len() * self.chunk)
+    }
 }

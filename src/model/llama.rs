@@ -66,6 +66,16 @@ pub struct SeqStep<'a> {
     pub phase: Phase,
 }
 
+impl SeqStep<'_> {
+    /// `steps` emptied, with a new lifetime and its allocation kept, so that a loop can
+    /// build each step's list without allocating (collecting a vector's own iterator into
+    /// an element type of the same layout reuses its buffer).
+    pub fn recycle<'b>(mut steps: Vec<SeqStep<'_>>) -> Vec<SeqStep<'b>> {
+        steps.clear();
+        steps.into_iter().map(|_| unreachable!("emptied")).collect()
+    }
+}
+
 /// How a model is split: this rank's place in a group of `tp`.
 #[derive(Debug, Clone)]
 pub struct ShardPlan {
@@ -164,6 +174,8 @@ struct Scratch {
     seq_of: Vec<usize>,
     /// Rows of the step whose logits are wanted.
     logit_rows: Vec<usize>,
+    /// Where each token's attention scores start in `scores` (its heads × its context).
+    score_at: Vec<usize>,
     /// The step's tokens, and its logit rows, as runs of one phase.
     runs: Vec<Run>,
     logit_runs: Vec<Run>,
@@ -315,9 +327,25 @@ impl Model {
         layers + self.embed.weight_bytes() + self.norm.weight_bytes() + self.lm_head.weight_bytes()
     }
 
+    /// Bytes of weights one decode step streams from memory: all of them but an untied
+    /// embedding table, of which a step reads one row per token.
+    pub fn decode_read_bytes(&self) -> usize {
+        let embedding_only = if self.cfg.tie_word_embeddings {
+            0
+        } else {
+            self.embed.weight_bytes()
+        };
+        self.weight_bytes() - embedding_only
+    }
+
     /// An empty KV cache of `num_blocks` blocks of `block_size` positions, for this rank's
-    /// kv heads.
-    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
+    /// kv heads. Attention scores are sized for it at once: a decode step (one token per
+    /// sequence) never needs more, so decode never allocates them.
+    pub fn new_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> KvCache {
+        grow(
+            &mut self.scratch.scores,
+            self.plan.heads.num_q() * num_blocks * block_size,
+        );
         KvCache::new(
             self.cfg.num_layers,
             self.plan.heads.num_kv(),
@@ -347,9 +375,10 @@ impl Model {
         s.slots.clear();
         s.seq_of.clear();
         s.logit_rows.clear();
+        s.score_at.clear();
         s.runs.clear();
         s.logit_runs.clear();
-        let mut max_ctx = 0;
+        let mut scores_len = 0;
         for (i, seq) in seqs.iter().enumerate() {
             let end = seq.start_pos + seq.tokens.len();
             if end > seq.blocks.len() * kv.block_size() {
@@ -378,8 +407,9 @@ impl Model {
                 s.positions.push(pos);
                 s.slots.push(kv.slot(seq.blocks, pos));
                 s.seq_of.push(i);
+                s.score_at.push(scores_len);
+                scores_len += nq * (pos + 1);
             }
-            max_ctx = max_ctx.max(end);
         }
         let n = s.ids.len();
         if n == 0 {
@@ -397,7 +427,7 @@ impl Model {
         grow(&mut s.attn, n * nq * d);
         grow(&mut s.gate_up, n * 2 * mlp_width);
         grow(&mut s.act, n * mlp_width);
-        grow(&mut s.scores, n * nq * max_ctx);
+        grow(&mut s.scores, scores_len);
         grow(&mut s.cos, d / 2);
         grow(&mut s.sin, d / 2);
 
@@ -430,6 +460,7 @@ impl Model {
                 seqs,
                 positions: &s.positions,
                 seq_of: &s.seq_of,
+                score_at: &s.score_at,
                 block_size: kv.block_size(),
             };
             attend(
@@ -440,7 +471,6 @@ impl Model {
                 &batch,
                 kv.layer(l),
                 &mut s.scores,
-                max_ctx,
                 &mut s.attn,
                 &self.threads,
             );
@@ -500,6 +530,8 @@ struct Batch<'a> {
     seqs: &'a [SeqStep<'a>],
     positions: &'a [usize],
     seq_of: &'a [usize],
+    /// Each token's place in the scores buffer.
+    score_at: &'a [usize],
     block_size: usize,
 }
 
@@ -514,7 +546,6 @@ fn attend(
     batch: &Batch,
     (keys, values): (&[f32], &[f32]),
     scores: &mut [f32],
-    max_ctx: usize,
     out: &mut [f32],
     threads: &Threads,
 ) {
@@ -523,7 +554,7 @@ fn attend(
     let kv_row = heads.num_kv() * d;
     let scale = 1.0 / (d as f32).sqrt();
     let dot = dot::dot_f32_fn();
-    let scores = DisjointChunks::new(&mut scores[..n * nq * max_ctx], max_ctx);
+    let scores = DisjointChunks::new(scores, 1);
     let out = DisjointChunks::new(&mut out[..n * nq * d], d);
     let bs = batch.block_size;
     threads.for_each_range(n * nq, |units| {
@@ -534,8 +565,9 @@ fn attend(
             let q = &qkv[t * qkv_width + i * d..t * qkv_width + (i + 1) * d];
             let kv_off = heads.local_kv_for(i) * d;
             let at = |j: usize| (blocks[j / bs] as usize * bs + j % bs) * kv_row + kv_off;
-            // SAFETY: unit u is handled by exactly one thread.
-            let (sc, o) = unsafe { (&mut scores.chunk(u)[..seen], out.chunk(u)) };
+            let first = batch.score_at[t] + i * seen;
+            // SAFETY: unit u, and its scores, are handled by exactly one thread.
+            let (sc, o) = unsafe { (scores.range(first..first + seen), out.chunk(u)) };
             for (j, s) in sc.iter_mut().enumerate() {
                 *s = dot(q, &keys[at(j)..at(j) + d]) * scale;
             }
