@@ -24,6 +24,13 @@ fn random_vec(seed: u64, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+fn random_ints(seed: u64, len: usize) -> Vec<i64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len)
+        .map(|_| rng.random_range(-1i64 << 40..1 << 40))
+        .collect()
+}
+
 #[test]
 fn all_reduce_equals_sequential_sum_bit_for_bit() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
@@ -151,7 +158,7 @@ fn ten_thousand_back_to_back_collectives() {
 fn async_all_reduce_overlaps_with_work() {
     let results = on_group(3, |c| {
         let rank = c.rank() as u64;
-        let mut data = random_vec(rank, 50_000);
+        let mut data = random_ints(rank, 50_000);
         let pending = c.start_all_reduce(&mut data).unwrap();
         // Work while the others publish: a rank that sleeps does not block this one.
         std::thread::sleep(Duration::from_millis(5 * rank));
@@ -159,9 +166,9 @@ fn async_all_reduce_overlaps_with_work() {
         pending.wait().unwrap();
         (data, busy)
     });
-    let mut expected = random_vec(0, 50_000);
+    let mut expected = random_ints(0, 50_000);
     for r in 1..3 {
-        for (e, v) in expected.iter_mut().zip(random_vec(r, 50_000)) {
+        for (e, v) in expected.iter_mut().zip(random_ints(r, 50_000)) {
             *e += v;
         }
     }

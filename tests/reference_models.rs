@@ -341,3 +341,49 @@ fn top_k_candidates_equal_the_full_logits() {
         });
     }
 }
+
+/// The communication optimisations change timing only: with overlap and fused all-reduce
+/// on or off, prompt and decode logits are the same bits at every tp (prefill splits the
+/// tokens, decode the rows of each row-parallel product).
+#[test]
+fn overlap_and_fused_allreduce_keep_every_bit() {
+    use tpserve::model::ForwardOptions;
+    for model in ["tiny-mha-uneven", "tiny-qwen2"] {
+        let case = &reference(model).cases[0];
+        let files = tpserve::loader::open_model(&fixture(model)).unwrap();
+        let run = |tp: usize, overlap: bool, fused_allreduce: bool| {
+            let mut opts =
+                engine::GroupOptions::single_sequence(tp, Some(1), case.input_ids.len() + 8);
+            opts.forward = ForwardOptions {
+                overlap,
+                fused_allreduce,
+            };
+            engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
+                let n = case.input_ids.len();
+                let mut logits = d
+                    .forward_one(&case.input_ids, 0, Logits::All, Phase::Prefill)?
+                    .to_vec();
+                for step in 0..8 {
+                    let token = case.greedy_ids[step];
+                    logits.extend(d.forward_one(
+                        &[token],
+                        n + step,
+                        Logits::Last,
+                        Phase::Decode,
+                    )?);
+                }
+                Ok(logits)
+            })
+            .unwrap()
+        };
+        let reference = run(1, false, false);
+        for tp in 1..=4 {
+            for (overlap, fused) in [(false, false), (true, false), (false, true), (true, true)] {
+                assert!(
+                    run(tp, overlap, fused) == reference,
+                    "{model} tp {tp} overlap {overlap} fused {fused}"
+                );
+            }
+        }
+    }
+}

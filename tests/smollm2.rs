@@ -215,3 +215,35 @@ fn perplexity_matches_llama_cpp_at_tp_1_and_3() {
         );
     }
 }
+
+/// Overlap and fused all-reduce on the quantized model: the same logits bit for bit,
+/// prefill (split by tokens) and decode (split by rows on 8-row group boundaries).
+#[test]
+fn communication_optimisations_keep_every_bit() {
+    use tpserve::kernels::Phase;
+    use tpserve::model::{ForwardOptions, Logits};
+    let files = loader::open_model(&model_path()).unwrap();
+    let prompt: Vec<u32> = (0..24).map(|i| 100 + 37 * i).collect();
+    let run = |tp: usize, on: bool| {
+        let mut opts = GroupOptions::single_sequence(tp, Some(1), prompt.len() + 8);
+        opts.forward = ForwardOptions {
+            overlap: on,
+            fused_allreduce: on,
+        };
+        engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
+            let mut logits = d
+                .forward_one(&prompt, 0, Logits::Last, Phase::Prefill)?
+                .to_vec();
+            for step in 0..8 {
+                let token = 200 + step as u32;
+                let pos = prompt.len() + step;
+                logits.extend(d.forward_one(&[token], pos, Logits::Last, Phase::Decode)?);
+            }
+            Ok(logits)
+        })
+        .unwrap()
+    };
+    for tp in [2, 3] {
+        assert!(run(tp, true) == run(tp, false), "tp {tp}");
+    }
+}

@@ -43,6 +43,8 @@ pub struct BenchArgs {
     pub cpus: Option<String>,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub forward: super::ForwardArgs,
 }
 
 /// One measured case.
@@ -124,6 +126,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             block_size: DEFAULT_BLOCK_SIZE,
             cpus: cpus.clone(),
             progress: None,
+            forward: args.forward.options(),
         };
         let measured = engine::run_group(launch, files.tensors.as_ref(), cfg, &opts, |driver| {
             let memory = driver.memory_per_rank()?;

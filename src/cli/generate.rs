@@ -57,6 +57,8 @@ pub struct GenerateArgs {
     /// Print one JSON object: input_ids, output_ids, text, prompt_logits_top.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub forward: super::ForwardArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -111,7 +113,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let capacity = request.input_ids.len() + request.max_new_tokens;
     engine::generate::validate_request(&request, cfg.vocab_size, capacity.max(1))?;
-    let opts = GroupOptions::single_sequence(tp, args.threads_per_rank, capacity);
+    let mut opts = GroupOptions::single_sequence(tp, args.threads_per_rank, capacity);
+    opts.forward = args.forward.options();
     let generation = engine::run_group(launch, files.tensors.as_ref(), cfg, &opts, |driver| {
         engine::generate(driver, &request)
     })

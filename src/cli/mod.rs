@@ -9,7 +9,28 @@ mod plan;
 mod serve;
 mod synth;
 
-use clap::{Parser, Subcommand};
+use crate::model::ForwardOptions;
+use clap::{Args, Parser, Subcommand};
+
+/// The switches of the forward pass's communication optimisations (SGLang's names).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct ForwardArgs {
+    /// Do not overlap row-parallel all-reduces with the rest of the product.
+    #[arg(long)]
+    pub disable_overlap: bool,
+    /// Do not fuse the all-reduced sums' residual add with the next RMSNorm.
+    #[arg(long)]
+    pub disable_fused_allreduce: bool,
+}
+
+impl ForwardArgs {
+    pub fn options(&self) -> ForwardOptions {
+        ForwardOptions {
+            overlap: !self.disable_overlap,
+            fused_allreduce: !self.disable_fused_allreduce,
+        }
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(

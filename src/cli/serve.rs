@@ -17,6 +17,8 @@ use std::time::Duration;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub forward: super::ForwardArgs,
     /// A GGUF file, or a Hugging Face model folder.
     #[arg(long = "model-path", visible_alias = "model")]
     pub model_path: PathBuf,
@@ -130,6 +132,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         block_size: DEFAULT_BLOCK_SIZE,
         cpus,
         progress: Some(progress.clone()),
+        forward: args.forward.options(),
     };
     if !launch.is_leader() {
         // Ranks 1.. of an MPI world: their shard and the worker loop; rank 0 serves.

@@ -243,6 +243,10 @@ impl Comm for LocalComm {
         self.shared.size
     }
 
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        self.all_reduce(data)
+    }
+
     fn all_reduce_sum_i64(&mut self, data: &mut [i64]) -> Result<()> {
         self.all_reduce(data)
     }
@@ -297,7 +301,7 @@ impl Comm for LocalComm {
         self.sync()
     }
 
-    fn begin_all_reduce(&mut self, data: &[f32]) -> Result<()> {
+    fn begin_all_reduce(&mut self, data: &[i64]) -> Result<()> {
         if self.pending.is_some() {
             bail!("an all-reduce is already in flight on rank {}", self.rank);
         }
@@ -307,7 +311,7 @@ impl Comm for LocalComm {
         Ok(())
     }
 
-    fn end_all_reduce(&mut self, data: &mut [f32]) -> Result<()> {
+    fn end_all_reduce(&mut self, data: &mut [i64]) -> Result<()> {
         let Some((generation, len)) = self.pending.take() else {
             bail!(
                 "end_all_reduce without begin_all_reduce on rank {}",
@@ -316,12 +320,12 @@ impl Comm for LocalComm {
         };
         if len != data.len() {
             bail!(
-                "all-reduce began with {len} floats but ended with {}",
+                "all-reduce began with {len} values but ended with {}",
                 data.len()
             );
         }
         self.shared.barrier.wait(generation)?;
-        let scattered = self.reduce::<f32>(len)?;
+        let scattered = self.reduce::<i64>(len)?;
         self.read_sum(scattered, len, 0, data);
         self.finish_op();
         Ok(())

@@ -21,10 +21,7 @@ pub trait Comm: Send {
     fn size(&self) -> usize;
 
     /// Element-wise sum over all ranks, in place.
-    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
-        self.begin_all_reduce(data)?;
-        self.end_all_reduce(data)
-    }
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()>;
 
     /// Element-wise sum of 64-bit integers (fixed-point values): exact, so the result does
     /// not depend on how the terms were split over ranks.
@@ -41,12 +38,14 @@ pub trait Comm: Send {
 
     fn barrier(&mut self) -> Result<()>;
 
-    /// First half of a split-phase all-reduce: publishes this rank's contribution and returns
-    /// without waiting for the others. `data` must be passed unchanged to `end_all_reduce`.
-    fn begin_all_reduce(&mut self, data: &[f32]) -> Result<()>;
+    /// First half of a split-phase all-reduce of 64-bit integers (the engine's fixed-point
+    /// sums): publishes this rank's contribution and returns without waiting for the
+    /// others, so the caller can compute meanwhile. `data` must be passed unchanged to
+    /// `end_all_reduce`.
+    fn begin_all_reduce(&mut self, data: &[i64]) -> Result<()>;
 
     /// Second half: waits for every rank's contribution and writes the sum into `data`.
-    fn end_all_reduce(&mut self, data: &mut [f32]) -> Result<()>;
+    fn end_all_reduce(&mut self, data: &mut [i64]) -> Result<()>;
 
     /// A handle that makes every rank's pending and future collectives fail with a reason;
     /// kept by whoever runs the rank, so a failing rank can take the group down.
@@ -61,7 +60,7 @@ pub type AbortHandle = Box<dyn Fn(&str) + Send + Sync>;
 /// the other ranks are never left waiting.
 pub struct Pending<'a> {
     comm: Option<&'a mut dyn Comm>,
-    data: &'a mut [f32],
+    data: &'a mut [i64],
 }
 
 impl Pending<'_> {
@@ -85,7 +84,7 @@ impl Drop for Pending<'_> {
 
 impl dyn Comm + '_ {
     /// Starts an all-reduce that completes on [`Pending::wait`]; the caller computes meanwhile.
-    pub fn start_all_reduce<'a>(&'a mut self, data: &'a mut [f32]) -> Result<Pending<'a>> {
+    pub fn start_all_reduce<'a>(&'a mut self, data: &'a mut [i64]) -> Result<Pending<'a>> {
         self.begin_all_reduce(data)?;
         Ok(Pending {
             comm: Some(self),

@@ -49,10 +49,10 @@ pub struct MpiComm {
     size: usize,
     /// Buffers of the split-phase all-reduce: MPI owns them while a request is in flight,
     /// so they live as long as the process (`StaticScope`).
-    async_send: &'static mut [f32],
-    async_recv_ptr: *mut f32,
+    async_send: &'static mut [i64],
+    async_recv_ptr: *mut i64,
     async_cap: usize,
-    pending: Option<(Request<'static, [f32], StaticScope>, usize)>,
+    pending: Option<(Request<'static, [i64], StaticScope>, usize)>,
     counts: Vec<i32>,
     displs: Vec<i32>,
 }
@@ -84,13 +84,13 @@ impl MpiComm {
         })
     }
 
-    /// Makes the split-phase buffers hold `len` floats (growing leaks the old pair: it is
+    /// Makes the split-phase buffers hold `len` values (growing leaks the old pair: it is
     /// done a handful of times per process, up to the largest tensor reduced).
     fn reserve_async(&mut self, len: usize) {
         if len > self.async_cap {
             let cap = len.next_power_of_two();
-            self.async_send = Box::leak(vec![0.0; cap].into_boxed_slice());
-            self.async_recv_ptr = Box::leak(vec![0.0f32; cap].into_boxed_slice()).as_mut_ptr();
+            self.async_send = Box::leak(vec![0; cap].into_boxed_slice());
+            self.async_recv_ptr = Box::leak(vec![0i64; cap].into_boxed_slice()).as_mut_ptr();
             self.async_cap = cap;
         }
     }
@@ -168,7 +168,7 @@ impl Comm for MpiComm {
         Ok(())
     }
 
-    fn begin_all_reduce(&mut self, data: &[f32]) -> Result<()> {
+    fn begin_all_reduce(&mut self, data: &[i64]) -> Result<()> {
         if self.pending.is_some() {
             bail!("an all-reduce is already in flight on rank {}", self.rank);
         }
@@ -176,9 +176,9 @@ impl Comm for MpiComm {
         self.async_send[..data.len()].copy_from_slice(data);
         // SAFETY: the receive buffer lives for the whole process and nothing else touches
         // it until the request completes in `end_all_reduce`.
-        let recv: &'static mut [f32] =
+        let recv: &'static mut [i64] =
             unsafe { std::slice::from_raw_parts_mut(self.async_recv_ptr, data.len()) };
-        let send: &'static [f32] =
+        let send: &'static [i64] =
             unsafe { std::slice::from_raw_parts(self.async_send.as_ptr(), data.len()) };
         let request =
             self.world
@@ -187,7 +187,7 @@ impl Comm for MpiComm {
         Ok(())
     }
 
-    fn end_all_reduce(&mut self, data: &mut [f32]) -> Result<()> {
+    fn end_all_reduce(&mut self, data: &mut [i64]) -> Result<()> {
         let Some((request, len)) = self.pending.take() else {
             bail!(
                 "end_all_reduce without begin_all_reduce on rank {}",
@@ -197,7 +197,7 @@ impl Comm for MpiComm {
         request.wait();
         if len != data.len() {
             bail!(
-                "all-reduce began with {len} floats but ended with {}",
+                "all-reduce began with {len} values but ended with {}",
                 data.len()
             );
         }

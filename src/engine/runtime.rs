@@ -6,7 +6,7 @@ use super::plan::{self, Gather, PlanKind, ReceivedPlan};
 use crate::comm::{Comm, LocalGroup};
 use crate::kernels::{Phase, Threads};
 use crate::loader::{ModelConfig, TensorSource};
-use crate::model::{KvCache, Logits, Model, SeqStep};
+use crate::model::{ForwardOptions, KvCache, Logits, Model, SeqStep};
 use crate::shard::Partition;
 use anyhow::{anyhow, bail, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,6 +27,8 @@ pub struct GroupOptions {
     pub cpus: Option<Vec<usize>>,
     /// Counts layers loaded, over all ranks (for a progress bar).
     pub progress: Option<Arc<AtomicUsize>>,
+    /// The forward pass's communication optimisations.
+    pub forward: ForwardOptions,
 }
 
 /// Positions per KV block unless a caller chooses otherwise.
@@ -42,6 +44,7 @@ impl GroupOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             cpus: None,
             progress: None,
+            forward: ForwardOptions::default(),
         }
     }
 
@@ -527,6 +530,7 @@ fn run_rank<T>(
         let kv_blocks = agree(&mut *comm, opts.kv_blocks)?;
         let threads = Threads::new(threads_per_rank, cores)?;
         let mut model = Model::load(src, cfg, tp, rank_id, threads, opts.progress.as_deref())?;
+        model.set_options(opts.forward);
         let kv = model.new_kv_cache(kv_blocks, opts.block_size);
         // Every rank has its shard before any plan flows.
         comm.barrier()?;

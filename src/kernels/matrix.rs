@@ -9,6 +9,11 @@ use super::qdot::{quantize_q8, BlockQ8, Isa};
 use super::quant::QuantType;
 use super::threads::{DisjointChunks, Threads};
 use half::{bf16, f16};
+use std::ops::Range;
+
+/// Row ranges of [`Matrix::matmul_fixed_rows`] start at multiples of this (the grouped
+/// layout's rows per group).
+pub const ROW_ALIGN: usize = GROUP;
 
 /// Which kernels a product's tokens take. The choice follows the tokens' role, never how
 /// many share a step, so a sequence computes the same numbers alone or in any batch.
@@ -179,6 +184,7 @@ impl Matrix {
                 let rows = self.rows;
                 self.for_packed_groups(
                     p,
+                    0..rows,
                     x,
                     tokens,
                     threads,
@@ -207,12 +213,33 @@ impl Matrix {
         threads: &Threads,
         phase: Phase,
     ) {
+        self.matmul_fixed_rows(x, tokens, acc, segment, threads, phase, 0..self.rows);
+    }
+
+    /// As [`Matrix::matmul_fixed`] for output rows `range` only (the others of `acc` are
+    /// left as they are); `range.start` is a multiple of [`ROW_ALIGN`], so every row is
+    /// computed exactly as by the whole product.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_fixed_rows(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        acc: &mut [i64],
+        segment: usize,
+        threads: &Threads,
+        phase: Phase,
+        range: Range<usize>,
+    ) {
         let (rows, cols) = (self.rows, self.cols);
         assert!(
             segment > 0 && cols.is_multiple_of(segment),
             "{cols} columns do not split into segments of {segment}"
         );
         assert!(x.len() >= tokens * cols && acc.len() >= tokens * rows);
+        assert!(
+            range.start.is_multiple_of(ROW_ALIGN) && range.start <= range.end && range.end <= rows,
+            "row range {range:?} of a {rows}-row product"
+        );
         let out = DisjointI64::new(&mut acc[..tokens * rows]);
         if let Storage::Packed(p) = &self.storage {
             if segment.is_multiple_of(32) {
@@ -221,13 +248,15 @@ impl Matrix {
                 let dot = move |g: &[u8], x: &[BlockQ8], out: &mut [i64; GROUP]| {
                     dot_fixed(g, x, seg_blocks, out)
                 };
+                let end = range.end;
                 return self.for_packed_groups(
                     p,
+                    range,
                     x,
                     tokens,
                     threads,
                     |j, t, terms: [i64; GROUP]| {
-                        for (r, v) in terms.into_iter().enumerate().take(rows - j) {
+                        for (r, v) in terms.into_iter().enumerate().take(end - j) {
                             // SAFETY: rows j.. belong to this thread's groups only.
                             unsafe { out.set(t * rows + j + r, v) };
                         }
@@ -244,6 +273,7 @@ impl Matrix {
                         *ty,
                         w,
                         kdot,
+                        range,
                         x,
                         tokens,
                         threads,
@@ -259,11 +289,12 @@ impl Matrix {
                 }
             }
         }
-        self.fixed_f32(x, tokens, &out, segment, threads, phase);
+        self.fixed_f32(x, tokens, &out, segment, threads, phase, range);
     }
 
     /// Rows as f32, segment by segment: pairs with the 2×4 kernel on groups of four tokens
     /// (prefill), or one dot product per segment (decode).
+    #[allow(clippy::too_many_arguments)]
     fn fixed_f32(
         &self,
         x: &[f32],
@@ -272,6 +303,7 @@ impl Matrix {
         segment: usize,
         threads: &Threads,
         phase: Phase,
+        range: Range<usize>,
     ) {
         thread_local! {
             static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -285,7 +317,7 @@ impl Matrix {
         let xt = |t: usize, s: usize| &x[t * cols + s * segment..t * cols + (s + 1) * segment];
         let kernel = dot_2x4_fixed_fn(segment);
         let dot = dot_f32_fn();
-        threads.for_each_range(rows, |range| {
+        threads.for_each_range_in(range, |range| {
             ROWS.with_borrow_mut(|scratch| {
                 scratch.resize(2 * cols, 0.0);
                 let (s0, s1) = scratch.split_at_mut(cols);
@@ -376,7 +408,7 @@ impl Matrix {
         let kdot = kdot_fn(ty, Isa::detect())
             .unwrap_or_else(|| unreachable!("{} rows are grouped at load", ty.name()));
         let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
-        self.for_kquant_rows(ty, w, kdot, x, tokens, threads, |j, t, terms| {
+        self.for_kquant_rows(ty, w, kdot, 0..rows, x, tokens, threads, |j, t, terms| {
             // SAFETY: row j belongs to this thread's range only.
             unsafe { out.chunk(t * rows + j)[0] = terms.iter().sum() };
         });
@@ -385,9 +417,11 @@ impl Matrix {
     /// Decode over grouped rows: quantizes the tokens to 8-bit blocks once, then
     /// `put(first_row, token, values)` receives `dot(group, token_blocks)` for every group of
     /// eight rows of a thread's range and every token (rows past the matrix are padding).
+    #[allow(clippy::too_many_arguments)]
     fn for_packed_groups<T: Default + Copy>(
         &self,
         p: &PackedRows,
+        rows: Range<usize>,
         x: &[f32],
         tokens: usize,
         threads: &Threads,
@@ -395,7 +429,8 @@ impl Matrix {
         dot: impl Fn(&[u8], &[BlockQ8], &mut [T; GROUP]) + Sync,
     ) {
         with_quantized_tokens(x, tokens, self.cols, |xq, per_token| {
-            threads.for_each_range(p.groups(), |range| {
+            let groups = rows.start / GROUP..rows.end.div_ceil(GROUP);
+            threads.for_each_range_in(groups, |range| {
                 let mut terms = [T::default(); GROUP];
                 for g in range {
                     for t in 0..tokens {
@@ -420,6 +455,7 @@ impl Matrix {
         ty: QuantType,
         w: &[u8],
         kdot: KDotFn,
+        rows: Range<usize>,
         x: &[f32],
         tokens: usize,
         threads: &Threads,
@@ -430,7 +466,7 @@ impl Matrix {
         }
         let (row_bytes, groups) = (ty.bytes_for(self.cols), self.cols / 32);
         with_quantized_tokens(x, tokens, self.cols, |xq, per_token| {
-            threads.for_each_range(self.rows, |range| {
+            threads.for_each_range_in(rows, |range| {
                 TERMS.with_borrow_mut(|terms| {
                     terms.resize(groups, 0.0);
                     for j in range {

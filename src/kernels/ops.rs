@@ -1,11 +1,35 @@
 //! Element-wise and row-wise operations of a transformer layer, on plain f32 slices.
 
+use super::fixed::from_fixed;
+
 /// `out = x / rms(x) * weight`, computed in f32 as Hugging Face's `LlamaRMSNorm` does.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let scale = 1.0 / (mean_square + eps).sqrt();
     for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
         *o = w * (v * scale);
+    }
+}
+
+/// `x += from_fixed(sums)` (a row-parallel product's all-reduced sums joining the
+/// residual stream), fused with the RMSNorm of the result into `out`: one pass over `x`
+/// instead of three, and the same bits as converting, adding and normalising apart.
+pub fn add_fixed_rms_norm(x: &mut [f32], sums: &[i64], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mut square_sum = 0.0f32;
+    for (v, &s) in x.iter_mut().zip(sums) {
+        *v += from_fixed(s);
+        square_sum += *v * *v;
+    }
+    let scale = 1.0 / (square_sum / x.len() as f32 + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x.iter()).zip(weight) {
+        *o = w * (v * scale);
+    }
+}
+
+/// `x += from_fixed(sums)`.
+pub fn add_fixed(x: &mut [f32], sums: &[i64]) {
+    for (v, &s) in x.iter_mut().zip(sums) {
+        *v += from_fixed(s);
     }
 }
 

@@ -44,6 +44,12 @@ impl Threads {
         self.count
     }
 
+    /// Calls `f` on contiguous sub-ranges that together cover `range`, in parallel.
+    pub fn for_each_range_in(&self, range: Range<usize>, f: impl Fn(Range<usize>) + Sync) {
+        let start = range.start;
+        self.for_each_range(range.len(), |r| f(r.start + start..r.end + start));
+    }
+
     /// Calls `f` on contiguous sub-ranges that together cover `0..n`, in parallel.
     pub fn for_each_range(&self, n: usize, f: impl Fn(Range<usize>) + Sync) {
         match &self.pool {

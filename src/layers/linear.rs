@@ -3,7 +3,7 @@
 
 use super::Run;
 use crate::comm::Comm;
-use crate::kernels::fixed::from_fixed;
+use crate::kernels::matrix::ROW_ALIGN;
 use crate::kernels::{Matrix, Storage, Threads};
 use crate::loader::{ModelConfig, TensorSource};
 use crate::shard::HeadShard;
@@ -117,31 +117,73 @@ impl RowParallelLinear {
         self.weight.bytes()
     }
 
-    /// Computes this rank's partial sums (in `acc`, fixed point), all-reduces them and
-    /// writes the result into `y`.
+    /// Computes this rank's partial sums into `acc` (fixed point) and all-reduces them:
+    /// `acc` ends holding the full sums, `[tokens × out_features]`. With `overlap`, the
+    /// product is cut in two — by tokens when there are several, else by output rows — and
+    /// the first half's all-reduce is in flight while the second half computes. The bits are
+    /// the same either way.
     pub fn forward(
         &self,
         x: &[f32],
         runs: &[Run],
-        y: &mut [f32],
         acc: &mut [i64],
         threads: &Threads,
         comm: &mut dyn Comm,
+        overlap: bool,
     ) -> Result<()> {
-        let (cols, rows) = (self.weight.cols, self.weight.rows);
+        let rows = self.weight.rows;
+        let n = runs.last().map_or(0, |r| r.tokens.end);
+        let row_split = rows / 2 / ROW_ALIGN * ROW_ALIGN;
+        if !overlap || comm.size() == 1 || (n == 1 && row_split == 0) {
+            self.partial(x, runs, 0..n, 0..rows, acc, threads);
+            return comm.all_reduce_sum_i64(&mut acc[..n * rows]);
+        }
+        // The two halves, as ranges of `acc`.
+        let split = if n >= 2 {
+            let h = n / 2;
+            self.partial(x, runs, 0..h, 0..rows, acc, threads);
+            h * rows
+        } else {
+            self.partial(x, runs, 0..1, 0..row_split, acc, threads);
+            row_split
+        };
+        comm.begin_all_reduce(&acc[..split])?;
+        if n >= 2 {
+            self.partial(x, runs, n / 2..n, 0..rows, acc, threads);
+        } else {
+            self.partial(x, runs, 0..1, row_split..rows, acc, threads);
+        }
+        comm.end_all_reduce(&mut acc[..split])?;
+        comm.all_reduce_sum_i64(&mut acc[split..n * rows])
+    }
+
+    /// This rank's partial sums of `tokens` (within `runs`) and output `rows`, into `acc`.
+    fn partial(
+        &self,
+        x: &[f32],
+        runs: &[Run],
+        tokens: Range<usize>,
+        rows: Range<usize>,
+        acc: &mut [i64],
+        threads: &Threads,
+    ) {
+        let (cols, width) = (self.weight.cols, self.weight.rows);
         for run in runs {
-            let (start, n) = (run.tokens.start, run.tokens.len());
-            let (x, acc) = (&x[start * cols..], &mut acc[start * rows..]);
-            self.weight
-                .matmul_fixed(x, n, acc, self.segment, threads, run.phase);
+            let start = run.tokens.start.max(tokens.start);
+            let end = run.tokens.end.min(tokens.end);
+            if start >= end {
+                continue;
+            }
+            self.weight.matmul_fixed_rows(
+                &x[start * cols..],
+                end - start,
+                &mut acc[start * width..],
+                self.segment,
+                threads,
+                run.phase,
+                rows.clone(),
+            );
         }
-        let n = runs.last().map_or(0, |r| r.tokens.end) * rows;
-        let acc = &mut acc[..n];
-        comm.all_reduce_sum_i64(acc)?;
-        for (o, &v) in y[..n].iter_mut().zip(acc.iter()) {
-            *o = from_fixed(v);
-        }
-        Ok(())
     }
 }
 

@@ -37,6 +37,17 @@ impl RmsNorm {
         }
     }
 
+    /// Adds the all-reduced fixed-point `sums` of a row-parallel product to the residual
+    /// rows `x`, and normalises the result into `out`, in one pass per row (SGLang's and
+    /// vLLM's fused add + RMSNorm after the all-reduce).
+    pub fn add_fixed_forward(&self, x: &mut [f32], sums: &[i64], out: &mut [f32]) {
+        let n = self.weight.len();
+        let rows = x.chunks_exact_mut(n).zip(sums.chunks_exact(n));
+        for ((xr, sr), or) in rows.zip(out.chunks_exact_mut(n)) {
+            ops::add_fixed_rms_norm(xr, sr, &self.weight, self.eps, or);
+        }
+    }
+
     /// Normalises each `len`-wide row of `x` in place.
     pub fn forward_in_place(&self, x: &mut [f32]) {
         for row in x.chunks_exact_mut(self.weight.len()) {

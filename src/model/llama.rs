@@ -3,6 +3,7 @@
 
 use super::kv_cache::KvCache;
 use crate::comm::Comm;
+use crate::kernels::fixed::from_fixed;
 use crate::kernels::threads::DisjointChunks;
 use crate::kernels::{dot, ops, Phase, Threads};
 use crate::layers::embedding::load_vocab_rows;
@@ -76,6 +77,27 @@ impl SeqStep<'_> {
     }
 }
 
+/// The forward pass's two communication optimisations, each switchable so that its gain
+/// can be measured (`--disable-overlap`, `--disable-fused-allreduce`); the bits are the
+/// same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// Row-parallel products in two halves, the first half's all-reduce in flight while the
+    /// second computes.
+    pub overlap: bool,
+    /// The all-reduced sums join the residual stream in the same pass as the next RMSNorm.
+    pub fused_allreduce: bool,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        ForwardOptions {
+            overlap: true,
+            fused_allreduce: true,
+        }
+    }
+}
+
 /// How a model is split: this rank's place in a group of `tp`.
 #[derive(Debug, Clone)]
 pub struct ShardPlan {
@@ -138,6 +160,7 @@ pub struct Model {
     lm_head: ParallelLmHead,
     rotary: Rotary,
     threads: Threads,
+    options: ForwardOptions,
     scratch: Scratch,
 }
 
@@ -296,6 +319,7 @@ impl Model {
             layers,
             plan,
             threads,
+            options: ForwardOptions::default(),
             scratch: Scratch::default(),
         })
     }
@@ -306,6 +330,10 @@ impl Model {
 
     pub fn plan(&self) -> &ShardPlan {
         &self.plan
+    }
+
+    pub fn set_options(&mut self, options: ForwardOptions) {
+        self.options = options;
     }
 
     /// Bytes of weights this rank holds (a tied table counted once).
@@ -433,11 +461,17 @@ impl Model {
 
         self.embed.forward(&s.ids, &mut s.x, comm)?;
 
+        let ForwardOptions {
+            overlap,
+            fused_allreduce: fused,
+        } = self.options;
+        let nh = n * hidden;
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention: norm, fused qkv, per-head norms and rotary, cache, attend, o_proj.
-            layer
-                .input_norm
-                .forward(&s.x[..n * hidden], &mut s.h[..n * hidden]);
+            // (Fused: the previous layer's last all-reduce computed this norm already.)
+            if l == 0 || !fused {
+                layer.input_norm.forward(&s.x[..nh], &mut s.h[..nh]);
+            }
             layer
                 .qkv
                 .linear
@@ -474,20 +508,19 @@ impl Model {
                 &mut s.attn,
                 &self.threads,
             );
-            layer.o_proj.forward(
-                &s.attn,
-                &s.runs,
-                &mut s.o,
-                &mut s.fixed,
-                &self.threads,
-                comm,
-            )?;
-            ops::add_in_place(&mut s.x[..n * hidden], &s.o[..n * hidden]);
-
-            // MLP: norm, fused gate/up, SwiGLU, down_proj.
             layer
-                .post_attention_norm
-                .forward(&s.x[..n * hidden], &mut s.h[..n * hidden]);
+                .o_proj
+                .forward(&s.attn, &s.runs, &mut s.fixed, &self.threads, comm, overlap)?;
+            // The residual add, and the MLP's norm.
+            let norm = &layer.post_attention_norm;
+            if fused {
+                norm.add_fixed_forward(&mut s.x[..nh], &s.fixed[..nh], &mut s.h[..nh]);
+            } else {
+                add_sums_apart(&mut s.x[..nh], &s.fixed[..nh], &mut s.o[..nh]);
+                norm.forward(&s.x[..nh], &mut s.h[..nh]);
+            }
+
+            // MLP: fused gate/up, SwiGLU, down_proj.
             layer
                 .gate_up
                 .linear
@@ -497,15 +530,16 @@ impl Model {
                 let (gate, up) = gu.split_at(mlp_width);
                 ops::silu_mul(gate, up, &mut s.act[t * mlp_width..(t + 1) * mlp_width]);
             }
-            layer.down_proj.forward(
-                &s.act,
-                &s.runs,
-                &mut s.o,
-                &mut s.fixed,
-                &self.threads,
-                comm,
-            )?;
-            ops::add_in_place(&mut s.x[..n * hidden], &s.o[..n * hidden]);
+            layer
+                .down_proj
+                .forward(&s.act, &s.runs, &mut s.fixed, &self.threads, comm, overlap)?;
+            match self.layers.get(l + 1) {
+                Some(next) if fused => {
+                    let norm = &next.input_norm;
+                    norm.add_fixed_forward(&mut s.x[..nh], &s.fixed[..nh], &mut s.h[..nh]);
+                }
+                _ => add_sums_apart(&mut s.x[..nh], &s.fixed[..nh], &mut s.o[..nh]),
+            }
         }
 
         let m = s.logit_rows.len();
@@ -523,6 +557,15 @@ impl Model {
         }
         Ok(&s.logits[..m * vocab_local])
     }
+}
+
+/// `x += sums` unfused: the sums converted to f32 in `scratch`, then added (what fused
+/// all-reduce saves a pass of).
+fn add_sums_apart(x: &mut [f32], sums: &[i64], scratch: &mut [f32]) {
+    for (o, &v) in scratch.iter_mut().zip(sums) {
+        *o = from_fixed(v);
+    }
+    ops::add_in_place(x, scratch);
 }
 
 /// Where each token of a step sits: its sequence (for the block table) and position.
