@@ -179,7 +179,7 @@ async fn openai_and_native_apis_at_tp_2() {
 
     // Stop strings end the text before them; n gives several choices; logprobs come back.
     let body = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
-        "stop": ["answer"], "n": 2, "logprobs": 3});
+        "stop": ["United"], "n": 2, "logprobs": 3});
     let (status, v) = post(b, "/v1/completions", body).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 2);

@@ -1,15 +1,10 @@
 //! Pinning rank threads to cores, so ranks do not migrate and fight over caches.
 
 /// Pins the calling thread to `core` (an OS cpu id); silently does nothing where the OS
-/// does not allow it.
+/// does not allow it. (Not checked against the thread's current cores: a thread started
+/// by a pinned thread inherits its single core and must still be able to move.)
 pub fn pin_to_core(core: usize) {
-    if let Some(id) = core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.id == core)
-    {
-        core_affinity::set_for_current(id);
-    }
+    core_affinity::set_for_current(core_affinity::CoreId { id: core });
 }
 
 /// The OS cpu ids this process may run on.

@@ -15,6 +15,13 @@ pub mod scalar {
         w.iter().zip(x).map(|(a, b)| a * b).sum()
     }
 
+    /// `acc += alpha · x`, each element with one rounding (as the SIMD version's FMA).
+    pub fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a = alpha.mul_add(v, *a);
+        }
+    }
+
     pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
         w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
     }
@@ -31,6 +38,17 @@ pub fn dot_f32_fn() -> DotFn<f32> {
         return |w, x| unsafe { x86::dot_f32(w, x) };
     }
     scalar::dot_f32
+}
+
+/// `acc += alpha · x` (attention's weighted sum of values).
+pub type AxpyFn = fn(&mut [f32], f32, &[f32]);
+
+pub fn axpy_fn() -> AxpyFn {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return |acc, alpha, x| unsafe { x86::axpy(acc, alpha, x) };
+    }
+    scalar::axpy
 }
 
 pub fn dot_bf16_fn() -> DotFn<bf16> {
@@ -104,6 +122,26 @@ pub mod x86 {
         dot_body!(w, x, |p: *const f32| _mm256_loadu_ps(p), |v: f32| v)
     }
 
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
+        let n = acc.len().min(x.len());
+        let a = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            let p = acc.as_mut_ptr().add(i);
+            _mm256_storeu_ps(
+                p,
+                _mm256_fmadd_ps(a, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
+            );
+            i += 8;
+        }
+        for j in i..n {
+            acc[j] = alpha.mul_add(x[j], acc[j]);
+        }
+    }
+
     /// bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load_bf16(p: *const bf16) -> __m256 {
@@ -161,6 +199,19 @@ mod tests {
             for (i, (simd, twin)) in pairs.into_iter().enumerate() {
                 assert!(close(simd, twin, n), "format {i}, n {n}: {simd} vs {twin}");
             }
+        }
+    }
+
+    #[test]
+    fn simd_axpy_equals_its_twin_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        for n in lengths() {
+            let x: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let start: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let (mut simd, mut twin) = (start.clone(), start);
+            axpy_fn()(&mut simd, 0.37, &x);
+            scalar::axpy(&mut twin, 0.37, &x);
+            assert_eq!(simd, twin, "n {n}");
         }
     }
 

@@ -81,13 +81,6 @@ pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
     }
 }
 
-/// `acc += alpha · x`.
-pub fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
-    for (a, v) in acc.iter_mut().zip(x) {
-        *a += alpha * v;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -596,7 +596,7 @@ fn attend(
     let nq = heads.num_q();
     let kv_row = heads.num_kv() * d;
     let scale = 1.0 / (d as f32).sqrt();
-    let dot = dot::dot_f32_fn();
+    let (dot, axpy) = (dot::dot_f32_fn(), dot::axpy_fn());
     let scores = DisjointChunks::new(scores, 1);
     let out = DisjointChunks::new(&mut out[..n * nq * d], d);
     let bs = batch.block_size;
@@ -617,7 +617,7 @@ fn attend(
             ops::softmax_in_place(sc);
             o.fill(0.0);
             for (j, &p) in sc.iter().enumerate() {
-                ops::axpy(o, p, &values[at(j)..at(j) + d]);
+                axpy(o, p, &values[at(j)..at(j) + d]);
             }
         }
     });
