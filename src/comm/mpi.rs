@@ -55,6 +55,10 @@ pub struct MpiComm {
     pending: Option<(Request<'static, [i64], StaticScope>, usize)>,
     counts: Vec<i32>,
     displs: Vec<i32>,
+    /// Send copies of in-place all-reduces (rsmpi's safe API has no MPI_IN_PLACE), kept so
+    /// that a steady state allocates nothing.
+    send_f32: Vec<f32>,
+    send_i64: Vec<i64>,
 }
 
 // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE where available (and at least
@@ -81,6 +85,8 @@ impl MpiComm {
             pending: None,
             counts: Vec::new(),
             displs: Vec::new(),
+            send_f32: Vec::new(),
+            send_i64: Vec::new(),
         })
     }
 
@@ -106,16 +112,18 @@ impl Comm for MpiComm {
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
-        let send = data.to_vec();
+        self.send_f32.clear();
+        self.send_f32.extend_from_slice(data);
         self.world
-            .all_reduce_into(&send[..], data, SystemOperation::sum());
+            .all_reduce_into(&self.send_f32[..], data, SystemOperation::sum());
         Ok(())
     }
 
     fn all_reduce_sum_i64(&mut self, data: &mut [i64]) -> Result<()> {
-        let send = data.to_vec();
+        self.send_i64.clear();
+        self.send_i64.extend_from_slice(data);
         self.world
-            .all_reduce_into(&send[..], data, SystemOperation::sum());
+            .all_reduce_into(&self.send_i64[..], data, SystemOperation::sum());
         Ok(())
     }
 
@@ -131,13 +139,12 @@ impl Comm for MpiComm {
     }
 
     fn all_gather(&mut self, local: &[f32], out: &mut Vec<f32>) -> Result<()> {
-        let mut lens = vec![0i32; self.size];
+        self.counts.resize(self.size, 0);
         self.world
-            .all_gather_into(&(local.len() as i32), &mut lens[..]);
-        self.counts.clone_from(&lens);
+            .all_gather_into(&(local.len() as i32), &mut self.counts[..]);
         self.displs.clear();
         let mut at = 0;
-        for &n in &lens {
+        for &n in &self.counts {
             self.displs.push(at);
             at += n;
         }
