@@ -140,7 +140,7 @@ impl LocalComm {
     }
 
     fn sync(&self) -> Result<()> {
-        let generation = self.shared.barrier.arrive();
+        let generation = self.shared.barrier.arrive(self.rank);
         self.shared.barrier.wait(generation)
     }
 
@@ -306,7 +306,7 @@ impl Comm for LocalComm {
             bail!("an all-reduce is already in flight on rank {}", self.rank);
         }
         self.own_slot().write(std::iter::once(data));
-        let generation = self.shared.barrier.arrive();
+        let generation = self.shared.barrier.arrive(self.rank);
         self.pending = Some((generation, data.len()));
         Ok(())
     }
@@ -343,10 +343,13 @@ impl Comm for LocalComm {
 
 /// A reusable, split-phase barrier that spins for a while and then sleeps, and that can be
 /// aborted so that no rank waits forever for a rank that died.
+///
+/// Each rank counts its own arrivals on a cache line of its own; barrier `g` is passed when
+/// every count has reached `g`. Arriving is then a plain store (no contended
+/// read-modify-write), and waiting reads each peer's line once it changes: on two cores
+/// that is about half the cache-line traffic of a shared counter.
 struct Barrier {
-    size: usize,
-    arrived: AtomicUsize,
-    generation: AtomicU64,
+    arrivals: Vec<Arrivals>,
     sleepers: AtomicUsize,
     aborted: AtomicBool,
     reason: Mutex<String>,
@@ -355,12 +358,14 @@ struct Barrier {
     spin: Duration,
 }
 
+/// One rank's arrival count, alone on its cache lines.
+#[repr(align(128))]
+struct Arrivals(AtomicU64);
+
 impl Barrier {
     fn new(size: usize, spin: Duration) -> Self {
         Barrier {
-            size,
-            arrived: AtomicUsize::new(0),
-            generation: AtomicU64::new(0),
+            arrivals: (0..size).map(|_| Arrivals(AtomicU64::new(0))).collect(),
             sleepers: AtomicUsize::new(0),
             aborted: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
@@ -370,26 +375,29 @@ impl Barrier {
         }
     }
 
-    /// Announces arrival; returns the generation to pass to [`Barrier::wait`].
-    fn arrive(&self) -> u64 {
-        let generation = self.generation.load(Ordering::Acquire);
-        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.size {
-            self.arrived.store(0, Ordering::Relaxed);
-            self.generation.store(generation + 1, Ordering::SeqCst);
-            if self.sleepers.load(Ordering::SeqCst) > 0 {
-                let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-                self.wake.notify_all();
-            }
+    /// Announces `rank`'s arrival; returns the generation to pass to [`Barrier::wait`].
+    fn arrive(&self, rank: usize) -> u64 {
+        let own = &self.arrivals[rank].0;
+        // Only this rank writes its count.
+        let generation = own.load(Ordering::Relaxed) + 1;
+        own.store(generation, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.wake.notify_all();
         }
         generation
     }
 
+    /// Whether every rank has arrived at barrier `generation`.
+    fn passed(&self, generation: u64, order: Ordering) -> bool {
+        self.arrivals.iter().all(|a| a.0.load(order) >= generation)
+    }
+
     /// Waits until every rank has arrived at the barrier of `generation`.
     fn wait(&self, generation: u64) -> Result<()> {
-        let passed = || self.generation.load(Ordering::Acquire) != generation;
         let start = Instant::now();
         let mut spins = 0u32;
-        while !passed() {
+        while !self.passed(generation, Ordering::Acquire) {
             if self.aborted.load(Ordering::Acquire) {
                 return Err(self.abort_error());
             }
@@ -409,9 +417,7 @@ impl Barrier {
     fn sleep(&self, generation: u64) {
         let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.sleepers.fetch_add(1, Ordering::SeqCst);
-        while self.generation.load(Ordering::SeqCst) == generation
-            && !self.aborted.load(Ordering::SeqCst)
-        {
+        while !self.passed(generation, Ordering::SeqCst) && !self.aborted.load(Ordering::SeqCst) {
             // The timeout is a safety net only; wake-ups come from `arrive` and `abort`.
             guard = match self.wake.wait_timeout(guard, Duration::from_millis(50)) {
                 Ok((g, _)) => g,
