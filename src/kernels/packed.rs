@@ -17,6 +17,7 @@
 //! each block's integer sum exact, accumulated with one fused multiply-add per block in
 //! block order; the scalar twin does exactly that, so every ISA gives the same bits.
 
+use super::buffer::LargeBuffer;
 use super::fixed::to_fixed;
 use super::qdot::{BlockQ8, Isa};
 use super::quant::{f16_at, QuantType};
@@ -32,7 +33,7 @@ pub struct PackedRows {
     pub ty: QuantType,
     pub rows: usize,
     pub cols: usize,
-    data: Vec<u8>,
+    data: LargeBuffer,
 }
 
 /// Eight rows of one group · one token's activation blocks, as f32.
@@ -82,7 +83,8 @@ impl PackedRows {
         );
         let groups = rows.div_ceil(GROUP);
         let stride = Self::stride(ty);
-        let mut data = vec![0u8; groups * nb * stride];
+        let mut data = LargeBuffer::zeroed(groups * nb * stride)
+            .expect("cannot map memory for a weight matrix");
         let header = header_bytes(ty);
         for j in 0..rows {
             let (g, r) = (j / GROUP, j % GROUP);
@@ -164,8 +166,7 @@ impl PackedRows {
             anyhow::bail!("cannot fuse weights of different formats or widths");
         }
         if self.rows.is_multiple_of(GROUP) {
-            let mut data = self.data;
-            data.extend(other.data);
+            let data = LargeBuffer::from_slice(&[&self.data[..], &other.data[..]].concat())?;
             return Ok(PackedRows {
                 rows: self.rows + other.rows,
                 data,
