@@ -1,6 +1,7 @@
 //! Decode kernel throughput against the machine's read bandwidth, one thread:
-//! `cargo bench --bench kernels`. Prints GB/s of weights streamed per format, and the
-//! fraction of the measured read bandwidth that is.
+//! `cargo bench --bench kernels` (`ROWS=n` sets the matrix height; the default, 65536 × 2048,
+//! is larger than the caches). Prints GB/s of weights streamed per format, and the fraction
+//! of the measured read bandwidth that is.
 
 use std::time::Instant;
 use tpserve::bench::bandwidth::{read_bandwidth, DEFAULT_BYTES};
@@ -33,13 +34,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs this too (without `--bench`): then a quick smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
     let threads = Threads::single();
-    let roof = read_bandwidth(1, &[], DEFAULT_BYTES, 5);
+    let roof = read_bandwidth(1, &[], if full { DEFAULT_BYTES } else { 1 << 20 }, 5);
     println!("read bandwidth, 1 thread: {roof:.1} GB/s");
     let rows: usize = std::env::var("ROWS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(65536);
+        .unwrap_or(if full { 65536 } else { 64 });
     let cols = 2048;
     let x: Vec<f32> = (0..cols)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
