@@ -87,9 +87,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         engine::runtime::validate_tp(cfg, tp)?;
     }
 
-    // The machine first, while nothing else runs.
+    // The machine first, while nothing else runs. (Under mpirun the other ranks are already
+    // polling for rank 0, so a measurement there would be off: no roofline then.)
     let mut bandwidth = BTreeMap::new();
-    if leader {
+    let local = matches!(first, Launch::Local { .. });
+    if leader && local {
         let cores = cpus.clone().unwrap_or_else(affinity::available_cores);
         for &tp in &tps {
             let threads = tp * args.threads_per_rank;
@@ -231,7 +233,11 @@ fn report(args: &BenchArgs, model: &str, bandwidth: &BTreeMap<usize, f64>, rows:
         .iter()
         .map(|(t, bw)| format!("{t} thread{}: {bw:.1} GB/s", if *t == 1 { "" } else { "s" }))
         .collect();
-    println!("machine read bandwidth: {}", bw.join(", "));
+    if bw.is_empty() {
+        println!("machine read bandwidth: not measured (under mpirun the other ranks are running)");
+    } else {
+        println!("machine read bandwidth: {}", bw.join(", "));
+    }
     println!(
         "input {} tokens, output {} tokens, {tpr} thread(s) per rank, median of {} run(s)\n",
         args.input_len, args.output_len, args.runs
