@@ -1,6 +1,7 @@
 //! The machine's memory read bandwidth: the roof that decode, which reads every weight once
 //! per token, cannot go through.
 
+use crate::kernels::buffer::LargeBuffer;
 use std::time::Instant;
 
 /// Bytes each measurement streams through, split over the threads: far beyond any cache.
@@ -21,13 +22,20 @@ pub fn read_bandwidth(threads: usize, cores: &[usize], bytes: usize, reps: usize
                     if let Some(core) = core {
                         crate::engine::affinity::pin_to_core(core);
                     }
-                    // Written by this thread, so its pages sit near its core.
-                    let buffer: Vec<u64> = (0..per_thread as u64).collect();
+                    // Written by this thread, so its pages sit near its core; huge pages
+                    // where the system allows, as the weights have.
+                    let mut buffer = LargeBuffer::zeroed(per_thread * 8)
+                        .expect("cannot map memory for the bandwidth probe");
+                    let words: &mut [u64] = bytemuck::cast_slice_mut(&mut buffer);
+                    for (i, w) in words.iter_mut().enumerate() {
+                        *w = i as u64;
+                    }
+                    let buffer: &[u64] = bytemuck::cast_slice(&buffer);
                     let mut times = Vec::with_capacity(reps);
                     for _ in 0..reps.max(1) {
                         barrier.wait();
                         let start = Instant::now();
-                        std::hint::black_box(sum_words(&buffer));
+                        std::hint::black_box(sum_words(buffer));
                         barrier.wait();
                         times.push(start.elapsed().as_secs_f64());
                     }
