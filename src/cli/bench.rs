@@ -41,6 +41,8 @@ pub struct BenchArgs {
     /// Cores the ranks may use, e.g. 0-3 or 0,2,4.
     #[arg(long)]
     pub cpus: Option<String>,
+    /// Print one JSON object: `results` (one entry per tp and batch size) and `machine`
+    /// (read bandwidth per thread count).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
