@@ -3,22 +3,15 @@
 //! is larger than the caches). Prints GB/s of weights streamed per format, and the fraction
 //! of the measured read bandwidth that is.
 
+use rand::{RngCore, SeedableRng};
 use std::time::Instant;
 use tpserve::bench::bandwidth::{read_bandwidth, DEFAULT_BYTES};
 use tpserve::kernels::{Matrix, Phase, QuantType, Storage, Threads};
 
 /// Random blocks with small, finite f16 scales.
 fn random_blocks(ty: QuantType, rows: usize, cols: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut w: Vec<u8> = (0..ty.bytes_for(rows * cols))
-        .map(|_| next() as u8)
-        .collect();
+    let mut w = vec![0u8; ty.bytes_for(rows * cols)];
+    rand::rngs::StdRng::seed_from_u64(1).fill_bytes(&mut w);
     for b in w.chunks_exact_mut(ty.block_bytes()) {
         b[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
         if ty == QuantType::Q4_1 {

@@ -2,12 +2,15 @@
 //! by tpserve and by llama.cpp, to measure speed at sizes the bundled 135M model cannot
 //! reach. Its text is noise; its timing is a real model's.
 
+use crate::kernels::QuantType;
 use crate::loader::config::Architecture;
-use crate::loader::gguf::{GgufFile, Value};
+use crate::loader::gguf::{GgufFile, TensorType, Value};
 use crate::loader::gguf_write::{write_gguf, TensorDecl};
 use crate::loader::ModelConfig;
 use anyhow::{bail, Result};
 use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
 use std::path::Path;
 
 /// Weight formats a synthetic model can have.
@@ -28,21 +31,21 @@ impl SynthQuant {
         })
     }
 
-    /// ggml type id, and llama.cpp's `general.file_type` for a file mostly in it.
-    fn ggml_ids(self) -> (u32, u32) {
+    /// The GGUF tensor format of the weight matrices.
+    fn tensor_type(self) -> TensorType {
         match self {
-            SynthQuant::Q4_0 => (2, 2),
-            SynthQuant::Q8_0 => (8, 7),
-            SynthQuant::Bf16 => (30, 32),
+            SynthQuant::Q4_0 => TensorType::Quant(QuantType::Q4_0),
+            SynthQuant::Q8_0 => TensorType::Quant(QuantType::Q8_0),
+            SynthQuant::Bf16 => TensorType::BF16,
         }
     }
 
-    /// (elements, bytes) per block.
-    fn block(self) -> (usize, usize) {
+    /// llama.cpp's `general.file_type` for a file mostly in this format.
+    fn file_type(self) -> u32 {
         match self {
-            SynthQuant::Q4_0 => (32, 18),
-            SynthQuant::Q8_0 => (32, 34),
-            SynthQuant::Bf16 => (1, 2),
+            SynthQuant::Q4_0 => 2,
+            SynthQuant::Q8_0 => 7,
+            SynthQuant::Bf16 => 32,
         }
     }
 }
@@ -87,14 +90,16 @@ pub fn synth(
         .find(|(k, _)| k == "tokenizer.ggml.tokens")
         .and_then(|(_, v)| v.as_array())
         .map_or(cfg.vocab_size, <[Value]>::len);
-    let (quant_type, file_type) = req.quant.ggml_ids();
     let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         (
             "general.name".into(),
             Value::String(format!("tpserve synth {} (random weights)", req.name)),
         ),
-        ("general.file_type".into(), Value::U32(file_type)),
+        (
+            "general.file_type".into(),
+            Value::U32(req.quant.file_type()),
+        ),
     ];
     let u32_of = |v: usize| Value::U32(v as u32);
     for (key, value) in [
@@ -118,7 +123,7 @@ pub fn synth(
     }
     metadata.extend(tokenizer);
 
-    let tensors = tensor_list(&cfg, quant_type, req.quant);
+    let tensors = tensor_list(&cfg, req.quant);
     let total = tensors.len();
     let mut parameters = 0;
     let mut bytes = 0;
@@ -157,15 +162,15 @@ enum Fill {
 }
 
 /// Every tensor of a llama.cpp model of `cfg`'s shapes, with how to fill it.
-fn tensor_list(cfg: &ModelConfig, quant_type: u32, quant: SynthQuant) -> Vec<(TensorDecl, Fill)> {
-    let (block_elems, block_bytes) = quant.block();
+fn tensor_list(cfg: &ModelConfig, quant: SynthQuant) -> Vec<(TensorDecl, Fill)> {
+    let ty = quant.tensor_type();
     let matrix = |name: String, cols: usize, rows: usize| {
         (
             TensorDecl {
                 name,
                 dims: vec![cols as u64, rows as u64],
-                ggml_type: quant_type,
-                bytes: rows * cols / block_elems * block_bytes,
+                ggml_type: ty.ggml_id(),
+                bytes: ty.bytes_for(rows * cols),
             },
             Fill::Weights(quant),
         )
@@ -175,8 +180,8 @@ fn tensor_list(cfg: &ModelConfig, quant_type: u32, quant: SynthQuant) -> Vec<(Te
             TensorDecl {
                 name,
                 dims: vec![len as u64],
-                ggml_type: 0,
-                bytes: len * 4,
+                ggml_type: TensorType::F32.ggml_id(),
+                bytes: TensorType::F32.bytes_for(len),
             },
             fill,
         )
@@ -212,32 +217,8 @@ fn tensor_list(cfg: &ModelConfig, quant_type: u32, quant: SynthQuant) -> Vec<(Te
     t
 }
 
-/// A fast deterministic byte stream (xorshift64*).
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    fn bytes(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
 fn fill(kind: Fill, buf: &mut [u8], seed: u64) {
-    let mut noise = Noise(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut noise = StdRng::seed_from_u64(seed);
     match kind {
         Fill::Ones => {
             for c in buf.chunks_exact_mut(4) {
@@ -246,25 +227,27 @@ fn fill(kind: Fill, buf: &mut [u8], seed: u64) {
         }
         Fill::SmallF32 => {
             for c in buf.chunks_exact_mut(4) {
-                c.copy_from_slice(&(0.01 * noise.unit()).to_le_bytes());
+                c.copy_from_slice(&noise.random_range(-0.01f32..0.01).to_le_bytes());
             }
         }
         Fill::Weights(SynthQuant::Bf16) => {
             // Uniform in ±0.035: standard deviation 0.02.
             for c in buf.chunks_exact_mut(2) {
-                c.copy_from_slice(&bf16::from_f32(0.035 * noise.unit()).to_le_bytes());
+                c.copy_from_slice(
+                    &bf16::from_f32(noise.random_range(-0.035f32..0.035)).to_le_bytes(),
+                );
             }
         }
         Fill::Weights(q) => {
-            noise.bytes(buf);
+            noise.fill_bytes(buf);
             // Uniform codes have a standard deviation of 4.6 (Q4_0) or 73 (Q8_0) steps.
             let step = match q {
                 SynthQuant::Q4_0 => 0.02 / 4.6,
                 _ => 0.02 / 73.0,
             };
-            let (_, block_bytes) = q.block();
+            let block_bytes = q.tensor_type().bytes_for(32);
             for b in buf.chunks_exact_mut(block_bytes) {
-                let d = step * (1.0 + 0.25 * noise.unit());
+                let d = step * noise.random_range(0.75f32..1.25);
                 b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
             }
         }

@@ -6,6 +6,8 @@ use crate::engine::Driver;
 use crate::kernels::Phase;
 use crate::model::{Logits, SeqStep};
 use anyhow::{bail, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
@@ -59,16 +61,10 @@ pub fn run_batch(driver: &mut Driver, spec: &BatchSpec, seed: u64) -> Result<Bat
             driver.kv_blocks()
         );
     }
-    let vocab = driver.config().vocab_size as u64;
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut random_id = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % vocab) as u32
-    };
+    let vocab = driver.config().vocab_size as u32;
+    let mut rng = StdRng::seed_from_u64(seed);
     let prompts: Vec<u32> = (0..spec.batch * spec.input_len)
-        .map(|_| random_id())
+        .map(|_| rng.random_range(0..vocab))
         .collect();
     let tables: Vec<u32> = (0..(spec.batch * per_seq) as u32).collect();
     let table = |i: usize| &tables[i * per_seq..(i + 1) * per_seq];

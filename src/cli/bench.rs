@@ -79,12 +79,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let cfg = &files.config;
     let first = Launch::resolve(args.comm.as_deref(), None)?;
     let leader = first.is_leader();
-    // An MPI world is one tp size: the processes mpirun started.
-    let tps: Vec<usize> = match first {
-        Launch::Local { .. } => args.tp.clone(),
+    let local = matches!(first, Launch::Local { .. });
+    // One group per tp size; an MPI world is one: the processes mpirun started.
+    let launches: Vec<Launch> = match first {
+        Launch::Local { .. } => args.tp.iter().map(|&tp| Launch::Local { tp }).collect(),
         #[cfg(feature = "mpi")]
-        Launch::Mpi(_) => vec![first.tp()],
+        mpi => vec![mpi],
     };
+    let tps: Vec<usize> = launches.iter().map(Launch::tp).collect();
     for &tp in &tps {
         engine::runtime::validate_tp(cfg, tp)?;
     }
@@ -92,7 +94,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // The machine first, while nothing else runs. (Under mpirun the other ranks are already
     // polling for rank 0, so a measurement there would be off: no roofline then.)
     let mut bandwidth = BTreeMap::new();
-    let local = matches!(first, Launch::Local { .. });
     if leader && local {
         let cores = cpus.clone().unwrap_or_else(affinity::available_cores);
         for &tp in &tps {
@@ -112,17 +113,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         output_len: args.output_len,
     };
     let mut rows = Vec::new();
-    let mut launch = Some(first);
-    for &tp in &tps {
-        let launch = match launch.take() {
-            Some(l) => l,
-            None => Launch::resolve(Some("local"), Some(tp))?,
-        };
-        let launch = match launch {
-            Launch::Local { .. } => Launch::Local { tp },
-            #[cfg(feature = "mpi")]
-            other => other,
-        };
+    for launch in launches {
+        let tp = launch.tp();
         let opts = GroupOptions {
             tp,
             threads_per_rank: Some(args.threads_per_rank),

@@ -89,8 +89,9 @@ pub struct Driver<'a> {
     logits: Vec<f32>,
     /// The merged top-k candidates of `forward_top_k`.
     top: Vec<(u32, f32)>,
-    /// The block table of `forward_one`: the whole cache, in order.
-    all_blocks: Vec<u32>,
+    /// The block table of `forward_one`: the whole cache, in order (shared, so that a step
+    /// can borrow it while the driver is borrowed mutably).
+    all_blocks: Arc<[u32]>,
 }
 
 impl Driver<'_> {
@@ -151,38 +152,28 @@ impl Driver<'_> {
         logits: Logits,
         phase: Phase,
     ) -> Result<&[f32]> {
-        let blocks = std::mem::take(&mut self.all_blocks);
-        let result = self.forward(&[SeqStep {
+        let blocks = Arc::clone(&self.all_blocks);
+        self.forward(&[SeqStep {
             tokens,
             start_pos,
             blocks: &blocks,
             logits,
             phase,
-        }]);
-        let result = result.map(|l| l.len());
-        self.all_blocks = blocks;
-        let len = result?;
-        Ok(&self.logits[..len])
+        }])
     }
 
     /// One decode step of the sequence of [`Self::forward_one`], returning its top `k`
     /// candidates (see [`Self::forward_top_k`]).
     pub fn forward_one_top_k(&mut self, token: u32, pos: usize, k: usize) -> Result<&[(u32, f32)]> {
-        let blocks = std::mem::take(&mut self.all_blocks);
-        let result = self.forward_top_k(
-            &[SeqStep {
-                tokens: &[token],
-                start_pos: pos,
-                blocks: &blocks,
-                logits: Logits::Last,
-                phase: Phase::Decode,
-            }],
-            k,
-        );
-        let result = result.map(|t| t.len());
-        self.all_blocks = blocks;
-        let len = result?;
-        Ok(&self.top[..len])
+        let blocks = Arc::clone(&self.all_blocks);
+        let step = SeqStep {
+            tokens: &[token],
+            start_pos: pos,
+            blocks: &blocks,
+            logits: Logits::Last,
+            phase: Phase::Decode,
+        };
+        self.forward_top_k(&[step], k)
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -323,7 +314,7 @@ fn merge_top_k(gathered: &[f32], tp: usize, k: usize, out: &mut Vec<(u32, f32)>)
             let pairs = gathered[at..at + 2 * k].chunks_exact(2);
             out.extend(pairs.map(|c| (c[1].to_bits(), c[0])));
         }
-        out[start..].sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out[start..].sort_unstable_by(super::sampling::by_logit);
         out.truncate(start + k);
     }
 }
@@ -545,7 +536,7 @@ fn run_rank<T>(
             buffers: GatherBuffers::default(),
             logits: Vec::new(),
             top: Vec::new(),
-            all_blocks: (0..kv_blocks as u32).collect(),
+            all_blocks: (0..kv_blocks as u32).collect::<Vec<_>>().into(),
         };
         let out = drive(&mut driver);
         // Release the workers whether or not driving succeeded.

@@ -150,7 +150,7 @@ impl Sampler {
         c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         // Ordered by the logits themselves (dividing by t can merge neighbours), as the
         // vocab-parallel candidates are.
-        c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        c.sort_unstable_by(by_logit);
         for (_, v) in c.iter_mut() {
             *v /= t;
         }
@@ -221,6 +221,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The order of candidates: (id, logit) by logit descending, ties lower id first — one
+/// order for the full logits and the vocab-parallel candidates, so both choose alike.
+pub fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 /// The `k` largest logits, descending (ties: lower id first).
 pub fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut all: Vec<(u32, f32)> = logits
@@ -228,7 +234,7 @@ pub fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         .enumerate()
         .map(|(i, &v)| (i as u32, v))
         .collect();
-    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.sort_by(by_logit);
     all.truncate(k);
     all
 }

@@ -26,13 +26,6 @@ pub fn add_fixed_rms_norm(x: &mut [f32], sums: &[i64], weight: &[f32], eps: f32,
     }
 }
 
-/// `x += from_fixed(sums)`.
-pub fn add_fixed(x: &mut [f32], sums: &[i64]) {
-    for (v, &s) in x.iter_mut().zip(sums) {
-        *v += from_fixed(s);
-    }
-}
-
 /// RMSNorm in place (per-head q/k norms of Qwen3).
 pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;

@@ -88,19 +88,36 @@ pub enum TensorType {
     Quant(QuantType),
 }
 
+/// ggml's type ids of the formats tpserve reads (and writes).
+const GGML_TYPES: [(u32, TensorType); 8] = [
+    (0, TensorType::F32),
+    (1, TensorType::F16),
+    (2, TensorType::Quant(QuantType::Q4_0)),
+    (3, TensorType::Quant(QuantType::Q4_1)),
+    (8, TensorType::Quant(QuantType::Q8_0)),
+    (12, TensorType::Quant(QuantType::Q4K)),
+    (14, TensorType::Quant(QuantType::Q6K)),
+    (30, TensorType::BF16),
+];
+
 impl TensorType {
     fn from_ggml(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => TensorType::F32,
-            1 => TensorType::F16,
-            2 => TensorType::Quant(QuantType::Q4_0),
-            3 => TensorType::Quant(QuantType::Q4_1),
-            8 => TensorType::Quant(QuantType::Q8_0),
-            12 => TensorType::Quant(QuantType::Q4K),
-            14 => TensorType::Quant(QuantType::Q6K),
-            30 => TensorType::BF16,
-            _ => return None,
-        })
+        GGML_TYPES.iter().find(|(i, _)| *i == id).map(|(_, t)| *t)
+    }
+
+    /// ggml's id of this format (what a GGUF tensor entry records).
+    pub fn ggml_id(self) -> u32 {
+        GGML_TYPES
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map(|(i, _)| *i)
+            .expect("every format has a ggml id")
+    }
+
+    /// Bytes of `elems` elements (a whole number of blocks).
+    pub fn bytes_for(self, elems: usize) -> usize {
+        let (n, b) = self.block();
+        elems / n * b
     }
 
     /// (elements, bytes) of one block.
