@@ -219,6 +219,7 @@ async fn openai_and_native_apis_at_tp_2() {
     );
 
     check_bad_requests(b, &name).await;
+    check_extreme_sampling(b).await;
     check_batching(b).await;
     check_over_capacity(b).await;
     check_disconnect_frees_blocks(b).await;
@@ -237,6 +238,41 @@ async fn openai_and_native_apis_at_tp_2() {
         "tpserve_inter_token_latency_seconds_count",
     ] {
         assert!(metrics.contains(name), "metrics lack {name}");
+    }
+}
+
+/// Sampling settings at the edges of what is accepted are served, not fatal: a temperature
+/// so small that logits / temperature overflow (with min_p, which once emptied the
+/// candidates and killed the server) draws exactly the greedy reply, on every path.
+async fn check_extreme_sampling(b: &str) {
+    let chat = |sampling: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": CHAT_Q}], "max_tokens": 12});
+        for (k, v) in sampling.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let (status, greedy) = post(b, "/v1/chat/completions", chat(json!({"temperature": 0}))).await;
+    assert_eq!(status, 200, "{greedy}");
+    let greedy = &greedy["choices"][0]["message"]["content"];
+    for sampling in [
+        json!({"temperature": 1e-40, "min_p": 0.5}),
+        json!({"temperature": 1e-45, "min_p": 1.0, "top_p": 1e-30}),
+        json!({"temperature": 1e-40, "top_k": 3}),
+        json!({"temperature": 1e-40, "min_p": 0.5, "presence_penalty": 0.0, "logprobs": true}),
+    ] {
+        let (status, v) = post(b, "/v1/chat/completions", chat(sampling.clone())).await;
+        assert_eq!(status, 200, "{sampling}: {v}");
+        assert_eq!(&v["choices"][0]["message"]["content"], greedy, "{sampling}");
+        let mut streaming = chat(sampling.clone());
+        streaming["stream"] = json!(true);
+        let events = stream(b, "/v1/chat/completions", streaming).await;
+        assert_eq!(events.last().unwrap(), "[DONE]", "{sampling}");
+        assert_eq!(
+            json!(streamed_text(&events, "delta")),
+            *greedy,
+            "{sampling}"
+        );
     }
 }
 

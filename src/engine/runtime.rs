@@ -3,6 +3,7 @@
 
 use super::affinity;
 use super::plan::{self, Gather, PlanKind, ReceivedPlan};
+use super::sampling::{by_logit, logit_key};
 use crate::comm::{Comm, LocalGroup};
 use crate::kernels::{Phase, Threads};
 use crate::loader::{ModelConfig, TensorSource};
@@ -278,26 +279,33 @@ fn execute_forward(
 }
 
 /// Appends the `k` largest of `row` (ids from `first_id`) as `[logit, id bits]` pairs,
-/// largest first (ties: lower id first); missing places are (-inf, u32::MAX).
+/// largest first, in [`by_logit`]'s order; missing places are (-inf, u32::MAX), which every
+/// real token outranks.
 fn push_top_k(row: &[f32], first_id: u32, k: usize, out: &mut Vec<f32>) {
     let start = out.len();
     for _ in 0..k {
         out.extend([f32::NEG_INFINITY, f32::from_bits(u32::MAX)]);
     }
     let best = &mut out[start..];
+    let entry = |best: &[f32], at: usize| (best[2 * at + 1].to_bits(), best[2 * at]);
     for (i, &v) in row.iter().enumerate() {
-        // Strictly larger than the k-th: an equal value with a higher id stays out.
-        if v.total_cmp(&best[2 * k - 2]).is_le() {
+        // The common case first: plainly below the k-th.
+        if logit_key(v) < logit_key(best[2 * k - 2]) {
+            continue;
+        }
+        let id = first_id + i as u32;
+        // Better than the k-th, or it stays out (ids only grow, so an equal value loses).
+        if by_logit(&(id, v), &entry(best, k - 1)).is_ge() {
             continue;
         }
         let mut at = k - 1;
-        while at > 0 && v.total_cmp(&best[2 * at - 2]).is_gt() {
+        while at > 0 && by_logit(&(id, v), &entry(best, at - 1)).is_lt() {
             best[2 * at] = best[2 * at - 2];
             best[2 * at + 1] = best[2 * at - 1];
             at -= 1;
         }
         best[2 * at] = v;
-        best[2 * at + 1] = f32::from_bits(first_id + i as u32);
+        best[2 * at + 1] = f32::from_bits(id);
     }
 }
 
@@ -314,7 +322,7 @@ fn merge_top_k(gathered: &[f32], tp: usize, k: usize, out: &mut Vec<(u32, f32)>)
             let pairs = gathered[at..at + 2 * k].chunks_exact(2);
             out.extend(pairs.map(|c| (c[1].to_bits(), c[0])));
         }
-        out[start..].sort_unstable_by(super::sampling::by_logit);
+        out[start..].sort_unstable_by(by_logit);
         out.truncate(start + k);
     }
 }
@@ -591,5 +599,37 @@ fn first_root_cause<T>(results: Vec<Result<Option<T>>>) -> Result<T> {
         (Some((e, _)), _) => Err(e),
         (None, Some(v)) => Ok(v),
         (None, None) => Err(anyhow!("rank 0 returned no result")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampling::top_logits;
+
+    #[test]
+    fn top_k_of_a_shard_ranks_nan_and_infinities_as_the_full_logits_do() {
+        let row = [
+            f32::NAN,
+            f32::NEG_INFINITY,
+            2.0,
+            f32::INFINITY,
+            2.0,
+            f32::NEG_INFINITY,
+        ];
+        for k in 1..=6 {
+            let mut out = Vec::new();
+            push_top_k(&row, 10, k, &mut out);
+            let got: Vec<(u32, f32)> = out.chunks(2).map(|c| (c[1].to_bits(), c[0])).collect();
+            let want: Vec<(u32, f32)> = top_logits(&row, k)
+                .into_iter()
+                .map(|(i, v)| (i + 10, v))
+                .collect();
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "k {k}");
+        }
+        // A shard of nothing but -inf still offers real tokens, never the placeholder id.
+        let mut out = Vec::new();
+        push_top_k(&[f32::NEG_INFINITY; 3], 0, 2, &mut out);
+        assert_eq!([out[1].to_bits(), out[3].to_bits()], [0, 1]);
     }
 }

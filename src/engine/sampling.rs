@@ -130,10 +130,8 @@ impl Sampler {
         let id = if self.params.temperature == 0.0 {
             top[0].0
         } else {
-            let t = self.params.temperature;
             self.candidates.clear();
-            self.candidates
-                .extend(top.iter().map(|&(id, l)| (id, l / t)));
+            self.candidates.extend_from_slice(top);
             self.pick()
         };
         *self.counts.entry(id).or_insert(0) += 1;
@@ -144,31 +142,34 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
-        let t = self.params.temperature;
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
-        // Ordered by the logits themselves (dividing by t can merge neighbours), as the
-        // vocab-parallel candidates are.
         c.sort_unstable_by(by_logit);
-        for (_, v) in c.iter_mut() {
-            *v /= t;
-        }
         self.pick()
     }
 
-    /// Top-k, nucleus and min-p over `self.candidates` (sorted, divided by the
-    /// temperature), then one draw.
+    /// Top-k, nucleus and min-p over `self.candidates` (sorted by [`by_logit`], not empty),
+    /// then one draw.
+    ///
+    /// Weights are `exp((logit - max) / temperature)`, with the best logit (and any equal
+    /// to it) weighing exactly 1: no temperature, however small or large, and no infinite
+    /// or NaN logit can make them NaN, so the best token always stays in the draw.
     fn pick(&mut self) -> u32 {
         let p = &self.params;
         let c = &mut self.candidates;
         if p.top_k > 0 && p.top_k < c.len() {
             c.truncate(p.top_k);
         }
-        let max = c[0].1;
+        let max = logit_key(c[0].1);
         let mut total = 0.0;
         for (_, v) in c.iter_mut() {
-            *v = (*v - max).exp();
+            let l = logit_key(*v);
+            *v = if l == max {
+                1.0
+            } else {
+                ((l - max) / p.temperature).exp()
+            };
             total += *v;
         }
         // Nucleus: keep the smallest prefix whose probability reaches top_p.
@@ -183,8 +184,8 @@ impl Sampler {
         }
         c.truncate(keep);
         if p.min_p > 0.0 {
-            let floor = c[0].1 * p.min_p;
-            c.retain(|&(_, v)| v >= floor);
+            // The best weighs 1 >= min_p, so it is never dropped.
+            c.retain(|&(_, v)| v >= p.min_p);
         }
         let sum: f32 = c.iter().map(|(_, v)| v).sum();
         let mut r = self.rng.random::<f32>() * sum;
@@ -210,21 +211,34 @@ pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
     (logits[id as usize] - log_sum, best)
 }
 
-/// The index of the largest logit; the first one on ties (as torch.argmax).
+/// The index of the largest logit; the first one on ties (as torch.argmax). NaN counts as
+/// minus infinity, as in [`by_logit`], so both choose alike.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
+        if logit_key(v).total_cmp(&logit_key(logits[best])).is_gt() {
             best = i;
         }
     }
     best as u32
 }
 
-/// The order of candidates: (id, logit) by logit descending, ties lower id first — one
-/// order for the full logits and the vocab-parallel candidates, so both choose alike.
+/// A logit as it ranks: NaN (a broken model, never a choice worth making) as minus infinity.
+pub fn logit_key(v: f32) -> f32 {
+    if v.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        v
+    }
+}
+
+/// The order of candidates: (id, logit) by logit descending (NaN as minus infinity), ties
+/// lower id first — one order for the full logits and the vocab-parallel candidates, so both
+/// choose alike.
 pub fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+    logit_key(b.1)
+        .total_cmp(&logit_key(a.1))
+        .then(a.0.cmp(&b.0))
 }
 
 /// The `k` largest logits, descending (ties: lower id first).
@@ -242,6 +256,7 @@ pub fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn greedy_takes_first_maximum() {
@@ -310,6 +325,193 @@ mod tests {
             ..Default::default()
         });
         assert!((0..100).all(|_| s.sample(&logits) == 3));
+    }
+
+    #[test]
+    fn tiny_temperature_with_min_p_is_greedy() {
+        // 1e-40 / a logit overflows to inf; the best token must still be drawn, never a panic.
+        let logits = [0.5, 3.0, -1.0, 2.9, f32::NAN, f32::NEG_INFINITY];
+        for temperature in [1e-40, f32::from_bits(1), 1e-30] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                min_p: 0.5,
+                seed: Some(3),
+                ..Default::default()
+            });
+            assert!((0..50).all(|_| s.sample(&logits) == 1), "t {temperature}");
+        }
+    }
+
+    #[test]
+    fn nan_and_placeholder_logits_rank_last() {
+        assert_eq!(argmax(&[f32::NAN, -5.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        let mut v = [(0, f32::NAN), (1, f32::NEG_INFINITY), (2, -1.0)];
+        v.sort_by(by_logit);
+        assert_eq!(v.map(|c| c.0), [2, 0, 1]);
+    }
+
+    /// Temperatures from the smallest positive float to the largest, with their edges.
+    fn temperature() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            Just(0.0),
+            Just(f32::from_bits(1)),
+            Just(1e-40),
+            Just(f32::MIN_POSITIVE),
+            Just(f32::MAX),
+            (1e-45f32..1e-30),
+            (1e-6f32..10.0),
+            (10.0f32..3e38),
+        ]
+    }
+
+    fn probability(lowest: f32) -> impl Strategy<Value = f32> {
+        prop_oneof![
+            Just(lowest),
+            Just(1.0),
+            Just(f32::MIN_POSITIVE),
+            0.0f32..=1.0
+        ]
+        .prop_filter("in range", move |&p| {
+            p >= lowest && p > 0.0 || lowest == 0.0
+        })
+    }
+
+    fn logit() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            4 => -20.0f32..20.0,
+            1 => Just(f32::INFINITY),
+            1 => Just(f32::NEG_INFINITY),
+            1 => Just(f32::NAN),
+            1 => Just(f32::MAX),
+            1 => Just(-f32::MAX),
+            1 => Just(0.0),
+            1 => Just(-0.0),
+            1 => Just(1.0),
+        ]
+    }
+
+    fn params() -> impl Strategy<Value = SamplingParams> {
+        (
+            temperature(),
+            0usize..80,
+            probability(0.0).prop_filter("top_p > 0", |&p| p > 0.0),
+            probability(0.0),
+            -2.0f32..=2.0,
+            prop_oneof![Just(-2.0f32), Just(0.0), Just(2.0), -2.0f32..=2.0],
+            any::<u64>(),
+        )
+            .prop_map(
+                |(temperature, top_k, top_p, min_p, fp, pp, seed)| SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    frequency_penalty: fp,
+                    presence_penalty: pp,
+                    seed: Some(seed),
+                },
+            )
+    }
+
+    /// Whether `id` may be drawn from `logits` (already penalised) under `p`, from the
+    /// definitions in f64: inside the top k, inside the nucleus (with a little slack for
+    /// f32 sums), at least `min_p` times as likely as the best, never NaN while a number
+    /// is on offer.
+    fn allowed(p: &SamplingParams, logits: &[f32], id: u32) -> Result<(), String> {
+        let id = id as usize;
+        if id >= logits.len() {
+            return Err(format!("id {id} outside the vocabulary"));
+        }
+        let mut order: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        order.sort_by(by_logit);
+        let rank = order.iter().position(|c| c.0 as usize == id).unwrap();
+        let best = logit_key(order[0].1) as f64;
+        let key = |l: f32| logit_key(l) as f64;
+        if p.temperature == 0.0 {
+            return (rank == 0)
+                .then_some(())
+                .ok_or("greedy took another".into());
+        }
+        if p.top_k > 0 && rank >= p.top_k {
+            return Err(format!("rank {rank} outside top_k {}", p.top_k));
+        }
+        if logits[id].is_nan() && best > f64::NEG_INFINITY {
+            return Err("drew a NaN logit".into());
+        }
+        let weight = |l: f32| {
+            if key(l) == best {
+                1.0
+            } else {
+                ((key(l) - best) / p.temperature as f64).exp()
+            }
+        };
+        let pool = if p.top_k > 0 {
+            &order[..p.top_k.min(order.len())]
+        } else {
+            &order[..]
+        };
+        let total: f64 = pool.iter().map(|c| weight(c.1)).sum();
+        let mut mass = 0.0;
+        let nucleus = pool
+            .iter()
+            .position(|c| {
+                mass += weight(c.1) / total;
+                mass >= (p.top_p as f64 + 1e-4).min(1.0 - 1e-9)
+            })
+            .map_or(pool.len(), |i| i + 1);
+        if rank >= nucleus {
+            return Err(format!("rank {rank} outside the nucleus of {nucleus}"));
+        }
+        if p.min_p > 0.0 && weight(logits[id]) < p.min_p as f64 * (1.0 - 1e-4) {
+            return Err(format!("weight {} below min_p", weight(logits[id])));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn always_draws_an_allowed_token(
+            params in params(),
+            logits in prop::collection::vec(logit(), 1..48),
+        ) {
+            prop_assume!(params.validate().is_ok());
+            let mut s = Sampler::new(params.clone());
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for _ in 0..4 {
+                let mut penalised = logits.clone();
+                for (&id, &n) in &counts {
+                    penalised[id as usize] -=
+                        params.frequency_penalty * n as f32 + params.presence_penalty;
+                }
+                let id = s.sample(&logits);
+                if let Err(e) = allowed(&params, &penalised, id) {
+                    prop_assert!(false, "{e}: {params:?} {penalised:?} -> {id}");
+                }
+                *counts.entry(id).or_insert(0) += 1;
+            }
+        }
+
+        #[test]
+        fn candidates_draw_what_the_full_logits_draw(
+            params in params(),
+            logits in prop::collection::vec(logit(), 1..48),
+        ) {
+            prop_assume!(params.validate().is_ok());
+            let params = SamplingParams { frequency_penalty: 0.0, presence_penalty: 0.0, ..params };
+            let mut full = Sampler::new(params.clone());
+            let mut top = Sampler::new(params.clone());
+            let k = full.candidates_needed().unwrap_or(logits.len());
+            let candidates = top_logits(&logits, k);
+            for _ in 0..4 {
+                prop_assert_eq!(full.sample(&logits), top.sample_top(&candidates));
+            }
+        }
     }
 
     #[test]

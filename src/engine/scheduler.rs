@@ -12,6 +12,7 @@ use crate::kernels::Phase;
 use crate::model::{Logits, SeqStep};
 use anyhow::Result;
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,7 +46,33 @@ pub enum Event {
     /// The last event: `stop` after a stop token, else `length`.
     Finished { stop: bool },
     /// The request cannot be served (it is never retried).
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why a request ended without finishing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The request asks for what the server cannot give (the client's to change).
+    Refused,
+    /// The server is going away.
+    ShuttingDown,
+    /// A fault while serving this request; the server goes on.
+    Internal,
+}
+
+impl Event {
+    pub fn failed(kind: FailureKind, message: impl Into<String>) -> Event {
+        Event::Failed(Failure {
+            kind,
+            message: message.into(),
+        })
+    }
 }
 
 pub struct Request {
@@ -200,15 +227,16 @@ pub fn run(
         }
         if shutdown {
             for seq in running.drain(..) {
-                let _ = seq
-                    .request
-                    .events
-                    .send(Event::Failed("the server is shutting down".into()));
+                let _ = seq.request.events.send(Event::failed(
+                    FailureKind::ShuttingDown,
+                    "the server is shutting down",
+                ));
             }
             for r in waiting.drain(..) {
-                let _ = r
-                    .events
-                    .send(Event::Failed("the server is shutting down".into()));
+                let _ = r.events.send(Event::failed(
+                    FailureKind::ShuttingDown,
+                    "the server is shutting down",
+                ));
             }
             return Ok(());
         }
@@ -229,7 +257,9 @@ pub fn run(
             let needed = (r.input_ids.len() + r.params.max_new_tokens).div_ceil(block_size);
             if needed > pool.total {
                 let r = waiting.pop_front().expect("front exists");
-                let _ = r.events.send(Event::Failed(format!(
+                let _ = r.events.send(Event::failed(
+                    FailureKind::Refused,
+                    format!(
                     "the prompt ({} tokens) plus max tokens ({}) needs {} KV positions, more than \
                      the server's {}; ask for fewer tokens or start the server with a larger \
                      --max-total-tokens",
@@ -237,7 +267,8 @@ pub fn run(
                     r.params.max_new_tokens,
                     needed * block_size,
                     pool.total * block_size
-                )));
+                ),
+                ));
                 continue;
             }
             let Some(blocks) = pool.take(needed) else {
@@ -342,21 +373,18 @@ pub fn run(
                     continue;
                 }
             }
-            let (id, lp) = match out {
-                StepOutput::Top(top, k) => {
-                    (seq.sampler.sample_top(&top[row * k..(row + 1) * k]), None)
-                }
-                StepOutput::Logits(logits) => {
-                    let l = &logits[row * vocab..(row + 1) * vocab];
-                    let id = seq.sampler.sample(l);
-                    let lp = seq.request.params.logprobs.map(|top| {
-                        let (logprob, top) = logprobs(l, id, top);
-                        TokenLogprob { logprob, top }
-                    });
-                    (id, lp)
-                }
-            };
+            let chosen = catch_unwind(AssertUnwindSafe(|| choose_token(seq, out, row, vocab)));
             row += 1;
+            let Ok((id, lp)) = chosen else {
+                // A fault of this request alone: it fails, the batch goes on.
+                tracing::error!("sampling failed for a request; it is ended with an error");
+                let _ = seq.request.events.send(Event::failed(
+                    FailureKind::Internal,
+                    "internal error while choosing the next token; the request was ended",
+                ));
+                finished.push(i);
+                continue;
+            };
             seq.generated.push(id);
             stats
                 .generation_tokens_total
@@ -381,6 +409,28 @@ pub fn run(
             pool.give_back(seq.blocks);
         }
         publish(stats, &running, &waiting, &pool);
+    }
+}
+
+/// The next token of `seq` from row `row` of a step's output, with its log-probabilities
+/// when asked.
+fn choose_token(
+    seq: &mut Sequence,
+    out: StepOutput,
+    row: usize,
+    vocab: usize,
+) -> (u32, Option<TokenLogprob>) {
+    match out {
+        StepOutput::Top(top, k) => (seq.sampler.sample_top(&top[row * k..(row + 1) * k]), None),
+        StepOutput::Logits(logits) => {
+            let l = &logits[row * vocab..(row + 1) * vocab];
+            let id = seq.sampler.sample(l);
+            let lp = seq.request.params.logprobs.map(|top| {
+                let (logprob, top) = logprobs(l, id, top);
+                TokenLogprob { logprob, top }
+            });
+            (id, lp)
+        }
     }
 }
 

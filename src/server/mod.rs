@@ -8,7 +8,7 @@ mod native;
 mod openai;
 mod text;
 
-use crate::engine::scheduler::{EngineHandle, Event, GenerationParams};
+use crate::engine::scheduler::{EngineHandle, Event, Failure, FailureKind, GenerationParams};
 use crate::engine::{ChatTemplate, SamplingParams, Tokenizer};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -64,7 +64,28 @@ pub fn router(state: Shared) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), check_api_key))
+        .layer(middleware::from_fn(contain_panics))
         .with_state(state)
+}
+
+/// A handler that panics fails its own request with a 500, and the server goes on.
+async fn contain_panics(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt;
+    let path = req.uri().path().to_owned();
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::error!("internal error (panic) while serving {path}");
+            ApiError::with_status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("internal error while serving {path}; the server goes on"),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}`.
@@ -92,7 +113,7 @@ impl ApiError {
         }
     }
 
-    fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
+    pub fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -101,21 +122,38 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The OpenAI error object, `{"error": {...}}`: a response body, or a stream's last event.
+    pub fn body(&self) -> Value {
         let kind = match self.status {
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::NOT_FOUND => "not_found_error",
             s if s.is_server_error() => "server_error",
             _ => "invalid_request_error",
         };
-        let body = json!({"error": {
+        json!({"error": {
             "message": self.message,
             "type": kind,
             "param": self.param,
             "code": self.status.as_u16(),
-        }});
-        (self.status, Json(body)).into_response()
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(f: Failure) -> Self {
+        let status = match f.kind {
+            FailureKind::Refused => StatusCode::BAD_REQUEST,
+            FailureKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::with_status(status, f.message)
     }
 }
 
@@ -310,7 +348,7 @@ pub async fn complete(
                 out.finish_reason = if stop { "stop" } else { "length" };
                 return Ok(out);
             }
-            Event::Failed(message) => return Err(ApiError::bad_request(message)),
+            Event::Failed(failure) => return Err(failure.into()),
         }
     }
     Err(ApiError::with_status(

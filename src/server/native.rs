@@ -144,10 +144,8 @@ pub async fn generate(
                     all.push_str(&text.finish());
                     Some(if stop { "stop" } else { "length" })
                 }
-                Event::Failed(message) => {
-                    let _ = tx
-                        .send(json!({"error": {"message": message}}).to_string())
-                        .await;
+                Event::Failed(failure) => {
+                    let _ = tx.send(ApiError::from(failure).body().to_string()).await;
                     break;
                 }
             };

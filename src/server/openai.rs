@@ -424,7 +424,9 @@ fn stream(
                 let mut events = match state.engine.submit(ids, params) {
                     Ok(e) => e,
                     Err(e) => {
-                        let _ = tx.send(error_chunk(&e.to_string())).await;
+                        let e =
+                            ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                        let _ = tx.send(e.body().to_string()).await;
                         return 0;
                     }
                 };
@@ -446,8 +448,8 @@ fn stream(
                             None,
                             Some(if stop { "stop" } else { "length" }),
                         ),
-                        Event::Failed(message) => {
-                            let _ = tx.send(error_chunk(&message)).await;
+                        Event::Failed(failure) => {
+                            let _ = tx.send(ApiError::from(failure).body().to_string()).await;
                             return count;
                         }
                     };
@@ -474,7 +476,16 @@ fn stream(
         }
         let mut completion_tokens = 0;
         for t in tasks {
-            completion_tokens += t.await.unwrap_or(0);
+            match t.await {
+                Ok(n) => completion_tokens += n,
+                Err(_) => {
+                    let e = ApiError::with_status(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal error while streaming this reply",
+                    );
+                    let _ = tx.send(e.body().to_string()).await;
+                }
+            }
         }
         if p.include_usage {
             let obj = if api == Api::Chat {
@@ -489,8 +500,4 @@ fn stream(
         let _ = tx.send("[DONE]".to_owned()).await;
     });
     Sse::new(ReceiverStream::new(rx).map(|data| Ok(SseEvent::default().data(data))))
-}
-
-fn error_chunk(message: &str) -> String {
-    json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": 400}}).to_string()
 }

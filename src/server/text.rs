@@ -62,10 +62,11 @@ impl<'a> TextStream<'a> {
     }
 
     fn emit_to(&mut self, text: &str, end: usize) -> String {
-        if end <= self.emitted {
+        // A tokenizer may re-space earlier text as tokens arrive: emit only clean pieces.
+        let Some(piece) = text.get(self.emitted..end) else {
             return String::new();
-        }
-        let out = text[self.emitted..end].to_owned();
+        };
+        let out = piece.to_owned();
         self.emitted = end;
         out
     }
