@@ -42,6 +42,20 @@ pub(crate) mod x86 {
         let bits = _mm256_castpd_si256(_mm256_add_pd(scaled, magic));
         _mm256_sub_epi64(bits, _mm256_castpd_si256(magic))
     }
+
+    /// Eight f32 to fixed point as eight i64: [`to_fixed4`] on 512-bit registers.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn to_fixed8(v: __m256) -> __m512i {
+        let d = _mm512_cvtps_pd(v);
+        let d = _mm512_min_pd(
+            _mm512_max_pd(d, _mm512_set1_pd(-LIMIT)),
+            _mm512_set1_pd(LIMIT),
+        );
+        let scaled = _mm512_mul_pd(d, _mm512_set1_pd((1u64 << FRAC_BITS) as f64));
+        let magic = _mm512_set1_pd(6755399441055744.0);
+        let bits = _mm512_castpd_si512(_mm512_add_pd(scaled, magic));
+        _mm512_sub_epi64(bits, _mm512_castpd_si512(magic))
+    }
 }
 
 #[inline]

@@ -8,8 +8,12 @@ use super::packed::{packed_fns, PackedRows, GROUP};
 use super::qdot::{quantize_q8, BlockQ8, Isa};
 use super::quant::QuantType;
 use super::threads::{DisjointChunks, Threads};
+use super::tiles::{tile_fns, MAX_GROUPS};
 use half::{bf16, f16};
 use std::ops::Range;
+
+/// Tokens a multi-token kernel call takes at most (its results fit a stack buffer).
+const TOKEN_CHUNK: usize = 16;
 
 /// Row ranges of [`Matrix::matmul_fixed_rows`] start at multiples of this (the grouped
 /// layout's rows per group).
@@ -179,7 +183,8 @@ impl Matrix {
             Storage::F16(w) => self.matmul_with(w, dot_f16_fn(), x, tokens, y, threads),
             Storage::Quant(t, w) => self.matmul_quant(*t, w, x, tokens, y, threads),
             Storage::Packed(p) => {
-                let (dot, _) = packed_fns(p.ty, Isa::detect());
+                let (one, _) = packed_fns(p.ty, Isa::detect());
+                let (dot, _) = tile_fns(p.ty, Isa::detect());
                 let out = DisjointChunks::new(&mut y[..tokens * self.rows], 1);
                 let rows = self.rows;
                 self.for_packed_groups(
@@ -194,6 +199,7 @@ impl Matrix {
                             unsafe { out.chunk(t * rows + j + r)[0] = v };
                         }
                     },
+                    one,
                     dot,
                 );
             }
@@ -243,10 +249,14 @@ impl Matrix {
         let out = DisjointI64::new(&mut acc[..tokens * rows]);
         if let Storage::Packed(p) = &self.storage {
             if segment.is_multiple_of(32) {
-                let (_, dot_fixed) = packed_fns(p.ty, Isa::detect());
+                let (_, one_fixed) = packed_fns(p.ty, Isa::detect());
+                let (_, dot_fixed) = tile_fns(p.ty, Isa::detect());
                 let seg_blocks = segment / 32;
-                let dot = move |g: &[u8], x: &[BlockQ8], out: &mut [i64; GROUP]| {
-                    dot_fixed(g, x, seg_blocks, out)
+                let one = move |g: &[u8], x: &[BlockQ8], out: &mut [i64; GROUP]| {
+                    one_fixed(g, x, seg_blocks, out)
+                };
+                let dot = move |g: &[u8], x: &[BlockQ8], per_token, out: &mut [i64]| {
+                    dot_fixed(g, x, per_token, seg_blocks, out)
                 };
                 let end = range.end;
                 return self.for_packed_groups(
@@ -261,6 +271,7 @@ impl Matrix {
                             unsafe { out.set(t * rows + j + r, v) };
                         }
                     },
+                    one,
                     dot,
                 );
             }
@@ -414,9 +425,12 @@ impl Matrix {
         });
     }
 
-    /// Decode over grouped rows: quantizes the tokens to 8-bit blocks once, then
-    /// `put(first_row, token, values)` receives `dot(group, token_blocks)` for every group of
-    /// eight rows of a thread's range and every token (rows past the matrix are padding).
+    /// Products over grouped rows: quantizes the tokens to 8-bit blocks once, then
+    /// `put(first_row, token, values)` receives the rows of every group of eight in a
+    /// thread's range for every token (rows past the matrix are padding). A lone token
+    /// takes the one-token kernel `one`; several take the multi-token kernel `dot`
+    /// ([`super::tiles`]), which unpacks each weight block once for up to [`TOKEN_CHUNK`]
+    /// tokens. Both give the same bits.
     #[allow(clippy::too_many_arguments)]
     fn for_packed_groups<T: Default + Copy>(
         &self,
@@ -426,21 +440,43 @@ impl Matrix {
         tokens: usize,
         threads: &Threads,
         put: impl Fn(usize, usize, [T; GROUP]) + Sync,
-        dot: impl Fn(&[u8], &[BlockQ8], &mut [T; GROUP]) + Sync,
+        one: impl Fn(&[u8], &[BlockQ8], &mut [T; GROUP]) + Sync,
+        dot: impl Fn(&[u8], &[BlockQ8], usize, &mut [T]) + Sync,
     ) {
         with_quantized_tokens(x, tokens, self.cols, |xq, per_token| {
             let groups = rows.start / GROUP..rows.end.div_ceil(GROUP);
-            threads.for_each_range_in(groups, |range| {
-                let mut terms = [T::default(); GROUP];
-                for g in range {
-                    for t in 0..tokens {
-                        dot(
-                            p.group(g),
-                            &xq[t * per_token..(t + 1) * per_token],
-                            &mut terms,
-                        );
-                        put(g * GROUP, t, terms);
+            if tokens == 1 {
+                return threads.for_each_range_in(groups, |range| {
+                    let mut terms = [T::default(); GROUP];
+                    for g in range {
+                        one(p.group(g), xq, &mut terms);
+                        put(g * GROUP, 0, terms);
                     }
+                });
+            }
+            threads.for_each_range_in(groups, |range| {
+                let mut out = [T::default(); TOKEN_CHUNK * MAX_GROUPS * GROUP];
+                let mut g = range.start;
+                while g < range.end {
+                    let n = (range.end - g).min(MAX_GROUPS);
+                    let bytes = p.group_run(g, n);
+                    for t0 in (0..tokens).step_by(TOKEN_CHUNK) {
+                        let k = (tokens - t0).min(TOKEN_CHUNK);
+                        let out = &mut out[..k * n * GROUP];
+                        dot(
+                            bytes,
+                            &xq[t0 * per_token..(t0 + k) * per_token],
+                            per_token,
+                            out,
+                        );
+                        for (t, rows) in out.chunks_exact(n * GROUP).enumerate() {
+                            for (i, terms) in rows.chunks_exact(GROUP).enumerate() {
+                                let terms = terms.try_into().expect("a group's rows");
+                                put((g + i) * GROUP, t0 + t, terms);
+                            }
+                        }
+                    }
+                    g += n;
                 }
             });
         });

@@ -13,6 +13,7 @@ pub mod packed;
 pub mod qdot;
 pub mod quant;
 pub mod threads;
+pub mod tiles;
 
 pub use matrix::{Matrix, Phase, Storage};
 pub use quant::QuantType;

@@ -44,7 +44,7 @@ pub type PackedDotFn = fn(&[u8], &[BlockQ8], &mut [f32; GROUP]);
 pub type PackedDotFixedFn = fn(&[u8], &[BlockQ8], usize, &mut [i64; GROUP]);
 
 /// Bytes of the scale header of one block of a group.
-fn header_bytes(ty: QuantType) -> usize {
+pub(crate) fn header_bytes(ty: QuantType) -> usize {
     if ty == QuantType::Q4_1 {
         32
     } else {
@@ -53,7 +53,7 @@ fn header_bytes(ty: QuantType) -> usize {
 }
 
 /// What the codes are offset by: weight = d · (code − offset) (+ m for Q4_1).
-fn code_offset(ty: QuantType) -> i32 {
+pub(crate) fn code_offset(ty: QuantType) -> i32 {
     match ty {
         QuantType::Q4_0 => 8,
         QuantType::Q8_0 => 128,
@@ -68,7 +68,7 @@ impl PackedRows {
     }
 
     /// Bytes of one block of one group.
-    fn stride(ty: QuantType) -> usize {
+    pub(crate) fn stride(ty: QuantType) -> usize {
         GROUP * ty.block_bytes()
     }
 
@@ -129,6 +129,12 @@ impl PackedRows {
     pub fn group(&self, g: usize) -> &[u8] {
         let len = self.cols / 32 * Self::stride(self.ty);
         &self.data[g * len..(g + 1) * len]
+    }
+
+    /// The bytes of groups `g..g + n`, one after the other.
+    pub fn group_run(&self, g: usize, n: usize) -> &[u8] {
+        let len = self.cols / 32 * Self::stride(self.ty);
+        &self.data[g * len..(g + n) * len]
     }
 
     /// The rows back in GGUF's row-major blocks.
@@ -339,7 +345,7 @@ pub mod scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{header_bytes, PackedRows, GROUP};
     use crate::kernels::fixed::x86::to_fixed4;
     use crate::kernels::qdot::BlockQ8;
@@ -350,7 +356,7 @@ mod x86 {
     pub const Q4_1: u8 = 1;
     pub const Q8_0: u8 = 2;
 
-    const fn quant_type(fmt: u8) -> QuantType {
+    pub(crate) const fn quant_type(fmt: u8) -> QuantType {
         match fmt {
             Q4_0 => QuantType::Q4_0,
             Q4_1 => QuantType::Q4_1,
@@ -492,18 +498,28 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::qdot::quantize_q8;
     use rand::{Rng, SeedableRng};
 
-    /// Random GGUF rows of `ty` with sane f16 scales.
-    fn random_rows(ty: QuantType, rows: usize, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+    /// Random GGUF rows of `ty` with sane f16 scales (now and then a zero or a large one).
+    pub(crate) fn random_rows(
+        ty: QuantType,
+        rows: usize,
+        blocks: usize,
+        rng: &mut impl Rng,
+    ) -> Vec<u8> {
         let mut data: Vec<u8> = (0..rows * blocks * ty.block_bytes())
             .map(|_| rng.random())
             .collect();
         for b in data.chunks_exact_mut(ty.block_bytes()) {
-            b[0..2].copy_from_slice(&f16::from_f32(rng.random_range(-0.1..0.1)).to_le_bytes());
+            let d = match rng.random_range(0..20) {
+                0 => 0.0,
+                1 => 8.0,
+                _ => rng.random_range(-0.1..0.1),
+            };
+            b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
             if ty == QuantType::Q4_1 {
                 b[2..4].copy_from_slice(&f16::from_f32(rng.random_range(-0.5..0.5)).to_le_bytes());
             }
