@@ -67,4 +67,38 @@ fn main() {
             100.0 * fixed / roof
         );
     }
+    multi_token(full, &threads);
+}
+
+/// Multi-token products (prompts, decode batches): integer multiply-adds per second for
+/// several token counts, on a matrix that stays in the cache (compute, not memory, bound).
+fn multi_token(full: bool, threads: &Threads) {
+    let (rows, cols) = (1024, 2048);
+    for ty in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
+        let m = Matrix::new(
+            rows,
+            cols,
+            Storage::Quant(ty, random_blocks(ty, rows, cols)),
+        );
+        let mut line = format!(
+            "{:5} {rows}x{cols}, G multiply-adds/s by tokens:",
+            ty.name()
+        );
+        for tokens in [1, 4, 16, 64] {
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let mut acc = vec![0i64; tokens * rows];
+            let times: Vec<f64> = (0..if full { 30 } else { 2 })
+                .map(|_| {
+                    let start = Instant::now();
+                    m.matmul_fixed(&x, tokens, &mut acc, 64, threads, Phase::Prefill);
+                    start.elapsed().as_secs_f64()
+                })
+                .collect();
+            let macs = (rows * cols * tokens) as f64;
+            line += &format!(" {tokens}: {:.1}", macs / median(times) / 1e9);
+        }
+        println!("{line}");
+    }
 }

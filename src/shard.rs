@@ -97,6 +97,14 @@ impl HeadShard {
         (self.q_heads.start + local_q) / self.group - self.kv_heads.start
     }
 
+    /// The local q heads that read local kv head `local_kv` (contiguous).
+    pub fn local_q_for(&self, local_kv: usize) -> std::ops::Range<usize> {
+        let kv = self.kv_heads.start + local_kv;
+        let lo = (kv * self.group).max(self.q_heads.start);
+        let hi = ((kv + 1) * self.group).min(self.q_heads.end);
+        lo - self.q_heads.start..hi.max(lo) - self.q_heads.start
+    }
+
     pub fn num_q(&self) -> usize {
         self.q_heads.len()
     }
@@ -150,6 +158,16 @@ mod tests {
                 for k in s.kv_heads.clone() {
                     prop_assert!(s.q_heads.clone().any(|h| h / group == k));
                 }
+                // local_q_for(k) is exactly the local q heads of kv head k, in order
+                let mut next = 0;
+                for k in 0..s.num_kv() {
+                    let sharing = s.local_q_for(k);
+                    prop_assert_eq!(sharing.start, next);
+                    prop_assert!(!sharing.is_empty());
+                    prop_assert!(sharing.clone().all(|i| s.local_kv_for(i) == k));
+                    next = sharing.end;
+                }
+                prop_assert_eq!(next, s.num_q());
             }
             prop_assert!(owner.iter().all(|&c| c == 1));
             prop_assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);

@@ -5,7 +5,7 @@ use super::kv_cache::KvCache;
 use crate::comm::Comm;
 use crate::kernels::fixed::from_fixed;
 use crate::kernels::threads::DisjointChunks;
-use crate::kernels::{dot, ops, Phase, Threads};
+use crate::kernels::{attention, ops, Phase, Threads};
 use crate::layers::embedding::load_vocab_rows;
 use crate::layers::{
     MergedColumnParallelLinear, ParallelLmHead, QkvParallelLinear, RmsNorm, Rotary,
@@ -579,45 +579,63 @@ struct Batch<'a> {
 }
 
 /// Causal attention of every token of the step over its own sequence's cached positions,
-/// one (token, local q head) per unit.
+/// one (token, local kv head) per unit: each cached key and value row is read once for all
+/// the query heads that share it (GQA), and every head is computed exactly as alone.
 #[allow(clippy::too_many_arguments)]
-fn attend(
+fn attend<'a>(
     heads: &HeadShard,
     d: usize,
     qkv: &[f32],
     qkv_width: usize,
     batch: &Batch,
-    (keys, values): (&[f32], &[f32]),
+    (keys, values): (&'a [f32], &'a [f32]),
     scores: &mut [f32],
     out: &mut [f32],
     threads: &Threads,
 ) {
     let n = batch.positions.len();
-    let nq = heads.num_q();
-    let kv_row = heads.num_kv() * d;
+    let (nq, nkv) = (heads.num_q(), heads.num_kv());
+    let kv_row = nkv * d;
     let scale = 1.0 / (d as f32).sqrt();
-    let (dot, axpy) = (dot::dot_f32_fn(), dot::axpy_fn());
+    let (score, weighted_sum) = (attention::scores_fn(), attention::weighted_sum_fn());
     let scores = DisjointChunks::new(scores, 1);
     let out = DisjointChunks::new(&mut out[..n * nq * d], d);
     let bs = batch.block_size;
-    threads.for_each_range(n * nq, |units| {
+    threads.for_each_range(n * nkv, |units| {
         for u in units {
-            let (t, i) = (u / nq, u % nq);
+            let (t, k) = (u / nkv, u % nkv);
             let seen = batch.positions[t] + 1;
-            let blocks = batch.seqs[batch.seq_of[t]].blocks;
-            let q = &qkv[t * qkv_width + i * d..t * qkv_width + (i + 1) * d];
-            let kv_off = heads.local_kv_for(i) * d;
-            let at = |j: usize| (blocks[j / bs] as usize * bs + j % bs) * kv_row + kv_off;
-            let first = batch.score_at[t] + i * seen;
-            // SAFETY: unit u, and its scores, are handled by exactly one thread.
-            let (sc, o) = unsafe { (scores.range(first..first + seen), out.chunk(u)) };
-            for (j, s) in sc.iter_mut().enumerate() {
-                *s = dot(q, &keys[at(j)..at(j) + d]) * scale;
+            let blocks = &batch.seqs[batch.seq_of[t]].blocks[..seen.div_ceil(bs)];
+            // Block b's rows of this kv head: positions b·bs.., kv_row floats apart.
+            let rows = |cache: &'a [f32], b: usize| {
+                let n = (seen - b * bs).min(bs);
+                let at = blocks[b] as usize * bs * kv_row + k * d;
+                (b * bs..b * bs + n, &cache[at..at + (n - 1) * kv_row + d])
+            };
+            let q = |i: usize| &qkv[t * qkv_width + i * d..t * qkv_width + (i + 1) * d];
+            let sharing = heads.local_q_for(k);
+            let first = batch.score_at[t] + sharing.start * seen;
+            // SAFETY: unit u's heads, their scores and outputs, belong to one thread only.
+            let sc = unsafe { scores.range(first..first + sharing.len() * seen) };
+            for b in 0..blocks.len() {
+                let (at, keys) = rows(keys, b);
+                for (h, i) in sharing.clone().enumerate() {
+                    let out = &mut sc[h * seen + at.start..h * seen + at.end];
+                    score(q(i), keys, kv_row, scale, out);
+                }
             }
-            ops::softmax_in_place(sc);
-            o.fill(0.0);
-            for (j, &p) in sc.iter().enumerate() {
-                axpy(o, p, &values[at(j)..at(j) + d]);
+            for (h, i) in sharing.clone().enumerate() {
+                ops::softmax_in_place(&mut sc[h * seen..(h + 1) * seen]);
+                // SAFETY: as above.
+                unsafe { out.chunk(t * nq + i) }.fill(0.0);
+            }
+            for b in 0..blocks.len() {
+                let (at, values) = rows(values, b);
+                for (h, i) in sharing.clone().enumerate() {
+                    let weights = &sc[h * seen + at.start..h * seen + at.end];
+                    // SAFETY: as above.
+                    weighted_sum(weights, values, kv_row, unsafe { out.chunk(t * nq + i) });
+                }
             }
         }
     });
