@@ -132,46 +132,105 @@ impl Sampler {
         } else {
             self.candidates.clear();
             self.candidates.extend_from_slice(top);
-            self.pick()
+            self.pick(None)
         };
         *self.counts.entry(id).or_insert(0) += 1;
         id
     }
 
+    /// From the full logits without sorting the vocabulary: top-k selects its k and sorts
+    /// those; plain sampling draws in id order; a nucleus sorts only as many of the best as
+    /// it needs.
     fn choose(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature == 0.0 {
+        let SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } = self.params;
+        if temperature == 0.0 {
             return argmax(logits);
         }
+        if top_k > 0 {
+            self.select_best(logits, top_k);
+            return self.pick(None);
+        }
+        let max = logits
+            .iter()
+            .map(|&l| logit_key(l))
+            .fold(f32::NEG_INFINITY, f32::max);
+        let weight = |l: f32| weight(logit_key(l), max, temperature);
+        if top_p >= 1.0 {
+            return self.draw_in_id_order(logits, weight);
+        }
+        let total: f32 = logits.iter().map(|&l| weight(l)).sum();
+        let mut k = MAX_CANDIDATES.min(logits.len());
+        loop {
+            self.select_best(logits, k);
+            let mass: f32 = self.candidates.iter().map(|&(_, l)| weight(l)).sum();
+            if mass >= top_p * total || k == logits.len() {
+                return self.pick(Some(total));
+            }
+            k = (4 * k).min(logits.len());
+        }
+    }
+
+    /// The `k` best of `logits` into `self.candidates`, sorted by [`by_logit`].
+    fn select_best(&mut self, logits: &[f32], k: usize) {
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        if k < c.len() {
+            c.select_nth_unstable_by(k - 1, by_logit);
+            c.truncate(k);
+        }
         c.sort_unstable_by(by_logit);
-        self.pick()
+    }
+
+    /// One draw over the whole vocabulary (no top-k, no nucleus): min-p filters by weight,
+    /// which needs no order.
+    fn draw_in_id_order(&mut self, logits: &[f32], weight: impl Fn(f32) -> f32) -> u32 {
+        let min_p = self.params.min_p;
+        let kept = |l: f32| {
+            let w = weight(l);
+            if w >= min_p {
+                w
+            } else {
+                0.0
+            }
+        };
+        let sum: f32 = logits.iter().map(|&l| kept(l)).sum();
+        let mut r = self.rng.random::<f32>() * sum;
+        let mut last = argmax(logits);
+        for (id, &l) in logits.iter().enumerate() {
+            let w = kept(l);
+            if w > 0.0 {
+                if r < w {
+                    return id as u32;
+                }
+                r -= w;
+                last = id as u32;
+            }
+        }
+        last
     }
 
     /// Top-k, nucleus and min-p over `self.candidates` (sorted by [`by_logit`], not empty),
-    /// then one draw.
-    ///
-    /// Weights are `exp((logit - max) / temperature)`, with the best logit (and any equal
-    /// to it) weighing exactly 1: no temperature, however small or large, and no infinite
-    /// or NaN logit can make them NaN, so the best token always stays in the draw.
-    fn pick(&mut self) -> u32 {
+    /// then one draw. The nucleus is measured against `total`, the weight of the whole
+    /// vocabulary when the candidates are only its best part (`None`: the candidates').
+    fn pick(&mut self, total: Option<f32>) -> u32 {
         let p = &self.params;
         let c = &mut self.candidates;
         if p.top_k > 0 && p.top_k < c.len() {
             c.truncate(p.top_k);
         }
         let max = logit_key(c[0].1);
-        let mut total = 0.0;
+        let mut sum = 0.0;
         for (_, v) in c.iter_mut() {
-            let l = logit_key(*v);
-            *v = if l == max {
-                1.0
-            } else {
-                ((l - max) / p.temperature).exp()
-            };
-            total += *v;
+            *v = weight(logit_key(*v), max, p.temperature);
+            sum += *v;
         }
+        let total = total.unwrap_or(sum);
         // Nucleus: keep the smallest prefix whose probability reaches top_p.
         let mut kept = 0.0;
         let mut keep = c.len();
@@ -196,6 +255,18 @@ impl Sampler {
             r -= v;
         }
         c[c.len() - 1].0
+    }
+}
+
+/// A token's unnormalised probability: `exp((logit - max) / temperature)`, with the best
+/// logit (and any equal to it) weighing exactly 1, so that no temperature, however small
+/// or large, and no infinite or NaN logit (`logit` and `max` are [`logit_key`]s) makes it NaN,
+/// and the best token always stays in the draw.
+fn weight(logit: f32, max: f32, temperature: f32) -> f32 {
+    if logit == max {
+        1.0
+    } else {
+        ((logit - max) / temperature).exp()
     }
 }
 
@@ -343,6 +414,36 @@ mod tests {
     }
 
     #[test]
+    fn draws_follow_the_probabilities_with_and_without_a_nucleus() {
+        // Weights 1 : 2 : 3 : 4 (and a vocabulary of negligible tokens around them).
+        let mut logits = vec![-30.0f32; 200];
+        for (i, w) in [(3, 1.0f32), (70, 2.0), (150, 3.0), (199, 4.0)] {
+            logits[i] = w.ln();
+        }
+        for (top_p, want) in [
+            (1.0, [0.1, 0.2, 0.3, 0.4]),
+            (0.65, [0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0]),
+        ] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                top_p,
+                seed: Some(11),
+                ..Default::default()
+            });
+            let mut counts = [0usize; 4];
+            let draws = 20000;
+            for _ in 0..draws {
+                let id = s.sample(&logits);
+                counts[[3, 70, 150, 199].iter().position(|&i| i == id).unwrap()] += 1;
+            }
+            for (c, w) in counts.iter().zip(want) {
+                let f = *c as f64 / draws as f64;
+                assert!((f - w).abs() < 0.015, "top_p {top_p}: {counts:?}");
+            }
+        }
+    }
+
+    #[test]
     fn nan_and_placeholder_logits_rank_last() {
         assert_eq!(argmax(&[f32::NAN, -5.0, f32::NAN]), 1);
         assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
@@ -478,7 +579,7 @@ mod tests {
         #[test]
         fn always_draws_an_allowed_token(
             params in params(),
-            logits in prop::collection::vec(logit(), 1..48),
+            logits in prop::collection::vec(logit(), 1..300),
         ) {
             prop_assume!(params.validate().is_ok());
             let mut s = Sampler::new(params.clone());
