@@ -24,7 +24,8 @@ fn check_against_engine(path: &std::path::Path, tps: &[usize]) {
                 "{} tp {tp} rank {rank}: weights",
                 path.display()
             );
-            let kv = plan::kv_bytes_per_token(&files.config, src, tp, rank, 4).unwrap();
+            let value_bytes = tpserve::model::KvDtype::default().bytes();
+            let kv = plan::kv_bytes_per_token(&files.config, src, tp, rank, value_bytes).unwrap();
             assert_eq!(
                 kv,
                 m.kv_bytes_per_token,

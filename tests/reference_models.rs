@@ -357,6 +357,7 @@ fn overlap_and_fused_allreduce_keep_every_bit() {
             opts.forward = ForwardOptions {
                 overlap,
                 fused_allreduce,
+                ..Default::default()
             };
             engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
                 let n = case.input_ids.len();
@@ -382,6 +383,40 @@ fn overlap_and_fused_allreduce_keep_every_bit() {
                 assert!(
                     run(tp, overlap, fused) == reference,
                     "{model} tp {tp} overlap {overlap} fused {fused}"
+                );
+            }
+        }
+    }
+}
+
+/// A KV cache in f16 or bf16 (f16 is the default) keeps every fixture model close to the
+/// f32 reference, and tp N still gives the bits of tp 1.
+#[test]
+fn half_precision_kv_caches_stay_close_and_exact_across_tp() {
+    use tpserve::model::KvDtype;
+    for model in MODELS {
+        let case = &reference(model).cases[0];
+        let n = case.input_ids.len();
+        for (dtype, tol) in [(KvDtype::F16, 5e-3), (KvDtype::BF16, 5e-2)] {
+            let logits = |tp| {
+                with_group_kv(model, tp, 1, n + 8, dtype, |d| {
+                    Ok(
+                        d.forward_one(&case.input_ids, 0, Logits::All, Phase::Prefill)?
+                            .to_vec(),
+                    )
+                })
+            };
+            let base = logits(1);
+            let vocab = case.last_logits.len();
+            let diff = max_abs_diff(&base[(n - 1) * vocab..], &case.last_logits);
+            assert!(
+                diff <= tol,
+                "{model} {dtype:?}: last logits differ by {diff} > {tol}"
+            );
+            for tp in [2, 3] {
+                assert!(
+                    logits(tp) == base,
+                    "{model} {dtype:?}: tp {tp} differs from tp 1"
                 );
             }
         }

@@ -229,6 +229,7 @@ fn communication_optimisations_keep_every_bit() {
         opts.forward = ForwardOptions {
             overlap: on,
             fused_allreduce: on,
+            ..Default::default()
         };
         engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
             let mut logits = d

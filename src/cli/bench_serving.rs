@@ -115,8 +115,8 @@ async fn one_request(
         );
     }
     let mut stream = response.bytes_stream();
-    let (mut buffer, mut last, mut ttft, mut gaps, mut tokens) =
-        (Vec::new(), None, None, Vec::new(), 0);
+    let (mut buffer, mut last, mut ttft, mut gaps, mut usage) =
+        (Vec::new(), None, None, Vec::new(), None);
     while let Some(chunk) = stream.next().await {
         buffer.extend_from_slice(&chunk?);
         while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
@@ -128,7 +128,7 @@ async fn one_request(
                 continue;
             };
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                tokens = n as usize;
+                usage = Some(n as usize);
             }
             let has_text = v["choices"][0]["text"]
                 .as_str()
@@ -143,10 +143,12 @@ async fn one_request(
             }
         }
     }
+    // A server that reports no usage (llama-server) streams one token per chunk.
+    let output_tokens = usage.unwrap_or(gaps.len() + 1);
     Ok(Sample {
         ttft: ttft.ok_or_else(|| anyhow!("a request produced no text"))?,
         gaps,
-        output_tokens: tokens,
+        output_tokens,
     })
 }
 

@@ -9,7 +9,7 @@ mod plan;
 mod serve;
 mod synth;
 
-use crate::model::ForwardOptions;
+use crate::model::{ForwardOptions, KvDtype};
 use clap::{Args, Parser, Subcommand};
 
 /// The switches of the forward pass's communication optimisations (SGLang's names).
@@ -21,6 +21,9 @@ pub struct ForwardArgs {
     /// Do not fuse the all-reduced sums' residual add with the next RMSNorm.
     #[arg(long)]
     pub disable_fused_allreduce: bool,
+    /// How the KV cache stores keys and values: auto (f16), f16, bf16 or f32.
+    #[arg(long, default_value = "auto", value_parser = KvDtype::parse)]
+    pub kv_cache_dtype: KvDtype,
 }
 
 impl ForwardArgs {
@@ -28,6 +31,7 @@ impl ForwardArgs {
         ForwardOptions {
             overlap: !self.disable_overlap,
             fused_allreduce: !self.disable_fused_allreduce,
+            kv_dtype: self.kv_cache_dtype,
         }
     }
 }

@@ -37,8 +37,8 @@ pub struct PlanArgs {
     /// Each device's memory read bandwidth in GB/s (default: the link kind's typical one).
     #[arg(long)]
     pub memory_bandwidth: Option<f64>,
-    /// Bytes per KV value: 4 (f32, tpserve's), 2 (bf16/f16), 1 (fp8).
-    #[arg(long, default_value_t = 4)]
+    /// Bytes per KV value: 2 (f16/bf16, tpserve's default --kv-cache-dtype), 4 (f32), 1 (fp8).
+    #[arg(long, default_value_t = 2)]
     pub kv_bytes: usize,
     /// Bytes per all-reduced activation: 8 (tpserve's fixed-point), 4 (f32), 2 (bf16).
     #[arg(long, default_value_t = 8)]

@@ -290,7 +290,8 @@ fn kv_capacity(
     }
     let mut per_token = 0;
     for rank in 0..tp {
-        per_token += cfg.kv_bytes_per_token(ShardPlan::new(cfg, src, tp, rank)?.heads.num_kv());
+        let kv_heads = ShardPlan::new(cfg, src, tp, rank)?.heads.num_kv();
+        per_token += cfg.kv_bytes_per_token(kv_heads, args.forward.kv_cache_dtype.bytes());
     }
     let available = available_memory().unwrap_or(4 << 30);
     let fits = (available as f64 * args.mem_fraction_static) as usize / per_token.max(1);

@@ -530,7 +530,7 @@ fn run_rank<T>(
         let threads = Threads::new(threads_per_rank, cores)?;
         let mut model = Model::load(src, cfg, tp, rank_id, threads, opts.progress.as_deref())?;
         model.set_options(opts.forward);
-        let kv = model.new_kv_cache(kv_blocks, opts.block_size);
+        let kv = model.new_kv_cache(kv_blocks, opts.block_size)?;
         // Every rank has its shard before any plan flows.
         comm.barrier()?;
         let mut rank = Rank { model, kv, comm };

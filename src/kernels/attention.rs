@@ -1,160 +1,238 @@
-//! Attention's two products over a run of cached rows (one KV block: rows `stride` floats
-//! apart): the scores of a query against each key, and the softmax-weighted sum of the
-//! values.
+//! Attention's two products over a run of cached rows (one KV block: rows `stride` values
+//! apart), for each type the KV cache stores (f32, f16, bf16): the scores of a query against
+//! each key, and the softmax-weighted sum of the values.
 //!
-//! Each score is computed exactly as [`super::dot::dot_f32_fn`] computes it, and each output
-//! element accumulates its rows in order with one fused multiply-add each, exactly as a loop
-//! of [`super::dot::axpy_fn`] would: only the loop structure changes (calls inlined, the
-//! output kept in registers across a block), never a bit of the result.
+//! Each score is computed exactly as the dot products of [`super::dot`] compute it (the
+//! weight kernels of the same type), and each output element accumulates its rows in order
+//! with one fused multiply-add each, exactly as a loop of [`super::dot::axpy_fn`] over the
+//! widened rows would: only the loop structure changes (calls inlined, the output kept in
+//! registers across a block).
 
-use super::dot;
+use half::{bf16, f16};
 
 /// `out[r] = dot(q, keys[r·stride..][..q.len()]) · scale` for `r < out.len()`.
-pub type ScoresFn = fn(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]);
+pub type ScoresFn<T> = fn(q: &[f32], keys: &[T], stride: usize, scale: f32, out: &mut [f32]);
 
 /// `out += Σ_r weights[r] · values[r·stride..][..out.len()]`, row after row.
-pub type WeightedSumFn = fn(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]);
+pub type WeightedSumFn<T> = fn(weights: &[f32], values: &[T], stride: usize, out: &mut [f32]);
+
+/// A type the KV cache stores, with its kernels.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn scores_fn() -> ScoresFn<Self>;
+    fn weighted_sum_fn() -> WeightedSumFn<Self>;
+}
 
 /// Checks that every row lies inside `rows`.
-fn check(rows: &[f32], n: usize, stride: usize, width: usize) {
+fn check<T>(rows: &[T], n: usize, stride: usize, width: usize) {
     assert!(
         n == 0 || (n - 1) * stride + width <= rows.len(),
         "rows out of range"
     );
 }
 
-pub fn scores_fn() -> ScoresFn {
-    #[cfg(target_arch = "x86_64")]
-    if dot::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return |q, k, s, scale, out| unsafe { x86::scores(q, k, s, scale, out) };
-    }
-    scalar::scores
+macro_rules! kv_elem {
+    ($t:ty, $to_f32:expr, $scores:ident, $sum:ident) => {
+        impl KvElem for $t {
+            fn to_f32(self) -> f32 {
+                $to_f32(self)
+            }
+
+            fn scores_fn() -> ScoresFn<Self> {
+                #[cfg(target_arch = "x86_64")]
+                if x86::supported() {
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                    return |q, k, s, scale, out| unsafe { x86::$scores(q, k, s, scale, out) };
+                }
+                scalar::scores
+            }
+
+            fn weighted_sum_fn() -> WeightedSumFn<Self> {
+                #[cfg(target_arch = "x86_64")]
+                if x86::supported() {
+                    // SAFETY: as above.
+                    return |w, v, s, out| unsafe { x86::$sum(w, v, s, out) };
+                }
+                scalar::weighted_sum
+            }
+        }
+    };
 }
 
-pub fn weighted_sum_fn() -> WeightedSumFn {
-    #[cfg(target_arch = "x86_64")]
-    if dot::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return |w, v, s, out| unsafe { x86::weighted_sum(w, v, s, out) };
-    }
-    scalar::weighted_sum
-}
+kv_elem!(f32, |v: f32| v, scores_f32, weighted_sum_f32);
+kv_elem!(f16, f16::to_f32, scores_f16, weighted_sum_f16);
+kv_elem!(bf16, bf16::to_f32, scores_bf16, weighted_sum_bf16);
 
 /// The plain loops these kernels restructure.
 pub mod scalar {
     use super::*;
 
-    pub fn scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    pub fn scores<T: KvElem>(q: &[f32], keys: &[T], stride: usize, scale: f32, out: &mut [f32]) {
         check(keys, out.len(), stride, q.len());
         for (r, o) in out.iter_mut().enumerate() {
-            *o = dot::scalar::dot_f32(q, &keys[r * stride..r * stride + q.len()]) * scale;
+            let key = &keys[r * stride..r * stride + q.len()];
+            *o = q.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
         }
     }
 
-    pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    pub fn weighted_sum<T: KvElem>(weights: &[f32], values: &[T], stride: usize, out: &mut [f32]) {
         check(values, weights.len(), stride, out.len());
-        let d = out.len();
         for (r, &w) in weights.iter().enumerate() {
-            dot::scalar::axpy(out, w, &values[r * stride..r * stride + d]);
+            let row = &values[r * stride..r * stride + out.len()];
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = w.mul_add(v.to_f32(), *o);
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::check;
-    use crate::kernels::dot::x86::dot_f32;
+    use super::{check, KvElem};
+    use crate::kernels::dot::x86::{dot_bf16, dot_f16, dot_f32, load_bf16, load_f16};
+    use half::{bf16, f16};
     use std::arch::x86_64::*;
 
+    pub fn supported() -> bool {
+        crate::kernels::dot::has_avx2_fma() && std::arch::is_x86_feature_detected!("f16c")
+    }
+
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_f32(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
         check(keys, out.len(), stride, q.len());
         for (r, o) in out.iter_mut().enumerate() {
             *o = dot_f32(q, keys.get_unchecked(r * stride..r * stride + q.len())) * scale;
         }
     }
 
+    /// # Safety
+    /// As [`scores_f32`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_f16(q: &[f32], keys: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+        check(keys, out.len(), stride, q.len());
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot_f16(keys.get_unchecked(r * stride..r * stride + q.len()), q) * scale;
+        }
+    }
+
+    /// # Safety
+    /// As [`scores_f32`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_bf16(
+        q: &[f32],
+        keys: &[bf16],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        check(keys, out.len(), stride, q.len());
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot_bf16(keys.get_unchecked(r * stride..r * stride + q.len()), q) * scale;
+        }
+    }
+
     /// Floats of the output held in registers while a block's rows are added.
     const CHUNK: usize = 64;
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-        check(values, weights.len(), stride, out.len());
-        let (d, v) = (out.len(), values.as_ptr());
-        let mut c = 0;
-        while c + CHUNK <= d {
-            let o = out.as_mut_ptr().add(c);
-            let mut acc: [__m256; CHUNK / 8] =
-                std::array::from_fn(|k| _mm256_loadu_ps(o.add(8 * k)));
-            for (r, &w) in weights.iter().enumerate() {
-                let (w, row) = (_mm256_set1_ps(w), v.add(r * stride + c));
-                for (k, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * k)), *a);
+    macro_rules! weighted_sum {
+        ($name:ident, $t:ty, $load:expr) => {
+            /// # Safety
+            /// As [`scores_f32`].
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(weights: &[f32], values: &[$t], stride: usize, out: &mut [f32]) {
+                check(values, weights.len(), stride, out.len());
+                let (d, v) = (out.len(), values.as_ptr());
+                let mut c = 0;
+                while c + CHUNK <= d {
+                    let o = out.as_mut_ptr().add(c);
+                    let mut acc: [__m256; CHUNK / 8] =
+                        std::array::from_fn(|k| _mm256_loadu_ps(o.add(8 * k)));
+                    for (r, &w) in weights.iter().enumerate() {
+                        let (w, row) = (_mm256_set1_ps(w), v.add(r * stride + c));
+                        for (k, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(w, $load(row.add(8 * k)), *a);
+                        }
+                    }
+                    for (k, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(o.add(8 * k), *a);
+                    }
+                    c += CHUNK;
+                }
+                while c + 8 <= d {
+                    let o = out.as_mut_ptr().add(c);
+                    let mut a = _mm256_loadu_ps(o);
+                    for (r, &w) in weights.iter().enumerate() {
+                        a = _mm256_fmadd_ps(_mm256_set1_ps(w), $load(v.add(r * stride + c)), a);
+                    }
+                    _mm256_storeu_ps(o, a);
+                    c += 8;
+                }
+                for (e, o) in out.iter_mut().enumerate().skip(c) {
+                    for (r, &w) in weights.iter().enumerate() {
+                        *o = w.mul_add((*v.add(r * stride + e)).to_f32(), *o);
+                    }
                 }
             }
-            for (k, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(o.add(8 * k), *a);
-            }
-            c += CHUNK;
-        }
-        while c + 8 <= d {
-            let o = out.as_mut_ptr().add(c);
-            let mut a = _mm256_loadu_ps(o);
-            for (r, &w) in weights.iter().enumerate() {
-                a = _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(v.add(r * stride + c)), a);
-            }
-            _mm256_storeu_ps(o, a);
-            c += 8;
-        }
-        for (e, o) in out.iter_mut().enumerate().skip(c) {
-            for (r, &w) in weights.iter().enumerate() {
-                *o = w.mul_add(*v.add(r * stride + e), *o);
-            }
-        }
+        };
     }
+
+    weighted_sum!(weighted_sum_f32, f32, |p: *const f32| _mm256_loadu_ps(p));
+    weighted_sum!(weighted_sum_f16, f16, |p: *const f16| load_f16(p));
+    weighted_sum!(weighted_sum_bf16, bf16, |p: *const bf16| load_bf16(p));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::dot;
     use rand::{Rng, SeedableRng};
 
-    /// Both kernels give the bits of the loops they replace (the dot product and axpy of
-    /// this CPU), for head sizes with and without tails and strides wider than a row.
-    #[test]
-    fn kernels_equal_the_loops_they_replace() {
+    /// Both kernels of every type give the bits of the loops they replace (the dot product
+    /// of that type's weight kernels, and axpy over the widened rows), for head sizes with
+    /// and without tails and strides wider than a row; the scalar twins agree to rounding.
+    fn check_type<T: KvElem>(from: fn(f32) -> T, dot: dot::DotFn<T>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        let (dot, axpy) = (dot::dot_f32_fn(), dot::axpy_fn());
+        let axpy = dot::axpy_fn();
         for d in [1, 8, 13, 64, 80, 128, 200] {
             for (n, stride) in [(1, d), (5, d), (16, 3 * d + 5)] {
-                let rows: Vec<f32> = (0..(n - 1) * stride + d)
-                    .map(|_| rng.random_range(-2.0..2.0))
+                let rows: Vec<T> = (0..(n - 1) * stride + d)
+                    .map(|_| from(rng.random_range(-2.0..2.0)))
                     .collect();
                 let q: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let w: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
-                let mut want = vec![0.0; n];
-                for (r, o) in want.iter_mut().enumerate() {
-                    *o = dot(&q, &rows[r * stride..r * stride + d]) * 0.125;
-                }
+                let row = |r: usize| &rows[r * stride..r * stride + d];
+                let want: Vec<f32> = (0..n).map(|r| dot(row(r), &q) * 0.125).collect();
                 let mut got = vec![0.0; n];
-                scores_fn()(&q, &rows, stride, 0.125, &mut got);
+                T::scores_fn()(&q, &rows, stride, 0.125, &mut got);
                 assert_eq!(got, want, "scores d {d} n {n}");
+                scalar::scores(&q, &rows, stride, 0.125, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "scalar scores d {d}"
+                    );
+                }
                 let start: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let mut want = start.clone();
                 for (r, &p) in w.iter().enumerate() {
-                    axpy(&mut want, p, &rows[r * stride..r * stride + d]);
+                    let wide: Vec<f32> = row(r).iter().map(|v| v.to_f32()).collect();
+                    axpy(&mut want, p, &wide);
                 }
-                for f in [weighted_sum_fn(), scalar::weighted_sum] {
+                for f in [T::weighted_sum_fn(), scalar::weighted_sum] {
                     let mut got = start.clone();
                     f(&w, &rows, stride, &mut got);
                     assert_eq!(got, want, "weighted sum d {d} n {n}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn kernels_equal_the_loops_they_replace() {
+        check_type::<f32>(|v| v, |w, x| dot::dot_f32_fn()(x, w));
+        check_type::<f16>(f16::from_f32, dot::dot_f16_fn());
+        check_type::<bf16>(bf16::from_f32, dot::dot_bf16_fn());
     }
 }

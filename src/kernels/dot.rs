@@ -144,7 +144,7 @@ pub mod x86 {
 
     /// bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn load_bf16(p: *const bf16) -> __m256 {
+    pub(crate) unsafe fn load_bf16(p: *const bf16) -> __m256 {
         let raw = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
     }
@@ -157,7 +157,7 @@ pub mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_f16(p: *const f16) -> __m256 {
+    pub(crate) unsafe fn load_f16(p: *const f16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 

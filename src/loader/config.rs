@@ -172,9 +172,10 @@ impl ModelConfig {
         })
     }
 
-    /// Bytes of one token's keys and values over all layers, for `kv_heads` heads.
-    pub fn kv_bytes_per_token(&self, kv_heads: usize) -> usize {
-        2 * self.num_layers * kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    /// Bytes of one token's keys and values over all layers, for `kv_heads` heads of
+    /// `value_bytes` per value.
+    pub fn kv_bytes_per_token(&self, kv_heads: usize, value_bytes: usize) -> usize {
+        2 * self.num_layers * kv_heads * self.head_dim * value_bytes
     }
 }
 

@@ -1,33 +1,110 @@
 //! The key/value cache of one rank, paged: fixed-size blocks of positions, handed to
-//! sequences by the scheduler through block tables. A rank stores only its kv heads.
+//! sequences by the scheduler through block tables. A rank stores only its kv heads, in
+//! f16 by default (half the memory and half the reads of f32, as llama.cpp), or bf16 / f32
+//! (`--kv-cache-dtype`). Every rank converts the same values alike, so tp N == tp 1 and a
+//! sequence alone == batched hold for each type.
 
-/// Keys and values per layer, laid out `[block][position in block][local kv head][head_dim]`.
+use anyhow::{anyhow, bail, Result};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+
+/// How cached keys and values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F16,
+    BF16,
+    F32,
+}
+
+impl KvDtype {
+    /// SGLang's `--kv-cache-dtype` values; `auto` is f16.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" | "f16" | "float16" | "fp16" => KvDtype::F16,
+            "bf16" | "bfloat16" => KvDtype::BF16,
+            "f32" | "float32" | "float" => KvDtype::F32,
+            other => bail!("--kv-cache-dtype {other} is not one of auto, f16, bf16, f32"),
+        })
+    }
+
+    /// Bytes per cached value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 | KvDtype::BF16 => 2,
+        }
+    }
+}
+
+/// One layer's keys or values, `[slot][kv head][head_dim]`.
+enum Rows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Rows {
+    fn new(dtype: KvDtype, len: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => Rows::F32(vec![0.0; len]),
+            KvDtype::F16 => Rows::F16(vec![f16::ZERO; len]),
+            KvDtype::BF16 => Rows::BF16(vec![bf16::ZERO; len]),
+        }
+    }
+
+    fn store(&mut self, at: usize, x: &[f32]) {
+        let end = at + x.len();
+        match self {
+            Rows::F32(v) => v[at..end].copy_from_slice(x),
+            Rows::F16(v) => v[at..end].convert_from_f32_slice(x),
+            Rows::BF16(v) => v[at..end].convert_from_f32_slice(x),
+        }
+    }
+}
+
+/// A layer's keys and values as stored.
+pub enum KvLayer<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [f16], &'a [f16]),
+    BF16(&'a [bf16], &'a [bf16]),
+}
+
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    /// Floats per position (`kv_heads × head_dim`).
+    keys: Vec<Rows>,
+    values: Vec<Rows>,
+    dtype: KvDtype,
+    /// Values per position (`kv_heads × head_dim`).
     row: usize,
     block_size: usize,
     num_blocks: usize,
 }
 
 impl KvCache {
+    /// A zeroed cache; an impossible size is an error, never an abort in the allocator.
     pub fn new(
         layers: usize,
         kv_heads: usize,
         head_dim: usize,
         num_blocks: usize,
         block_size: usize,
-    ) -> Self {
+        dtype: KvDtype,
+    ) -> Result<Self> {
         let row = kv_heads * head_dim;
-        let len = row * num_blocks * block_size;
-        KvCache {
-            keys: (0..layers).map(|_| vec![0.0; len]).collect(),
-            values: (0..layers).map(|_| vec![0.0; len]).collect(),
+        let len = row
+            .checked_mul(num_blocks)
+            .and_then(|n| n.checked_mul(block_size))
+            .filter(|n| n.checked_mul(2 * layers * dtype.bytes()).is_some())
+            .ok_or_else(|| {
+                anyhow!("a KV cache of {num_blocks} blocks of {block_size} positions is too large")
+            })?;
+        Ok(KvCache {
+            keys: (0..layers).map(|_| Rows::new(dtype, len)).collect(),
+            values: (0..layers).map(|_| Rows::new(dtype, len)).collect(),
+            dtype,
             row,
             block_size,
             num_blocks,
-        }
+        })
     }
 
     pub fn block_size(&self) -> usize {
@@ -38,8 +115,12 @@ impl KvCache {
         self.num_blocks
     }
 
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
     pub fn bytes(&self) -> usize {
-        2 * self.keys.len() * self.row * self.num_blocks * self.block_size * 4
+        2 * self.keys.len() * self.row * self.num_blocks * self.block_size * self.dtype.bytes()
     }
 
     /// The cache slot of position `pos` of a sequence with block table `blocks`.
@@ -50,12 +131,17 @@ impl KvCache {
     /// Stores one position's keys and values (`kv_heads × head_dim` each) at `slot`.
     pub fn store(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
         let at = slot * self.row;
-        self.keys[layer][at..at + self.row].copy_from_slice(k);
-        self.values[layer][at..at + self.row].copy_from_slice(v);
+        self.keys[layer].store(at, &k[..self.row]);
+        self.values[layer].store(at, &v[..self.row]);
     }
 
     /// Keys and values of a layer, `[slot][kv head][head_dim]`.
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+    pub fn layer(&self, layer: usize) -> KvLayer<'_> {
+        match (&self.keys[layer], &self.values[layer]) {
+            (Rows::F32(k), Rows::F32(v)) => KvLayer::F32(k, v),
+            (Rows::F16(k), Rows::F16(v)) => KvLayer::F16(k, v),
+            (Rows::BF16(k), Rows::BF16(v)) => KvLayer::BF16(k, v),
+            _ => unreachable!("keys and values share one type"),
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! The Llama family (Llama 2/3, Mistral, Qwen2 with qkv bias, Qwen3 with q/k norm, SmolLM)
 //! as one rank's shard: a forward pass that reads top to bottom.
 
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvDtype, KvLayer};
 use crate::comm::Comm;
+use crate::kernels::attention::KvElem;
 use crate::kernels::fixed::from_fixed;
 use crate::kernels::threads::DisjointChunks;
-use crate::kernels::{attention, ops, Phase, Threads};
+use crate::kernels::{ops, Phase, Threads};
 use crate::layers::embedding::load_vocab_rows;
 use crate::layers::{
     MergedColumnParallelLinear, ParallelLmHead, QkvParallelLinear, RmsNorm, Rotary,
@@ -87,6 +88,8 @@ pub struct ForwardOptions {
     pub overlap: bool,
     /// The all-reduced sums join the residual stream in the same pass as the next RMSNorm.
     pub fused_allreduce: bool,
+    /// How the KV cache stores keys and values (this one changes the bits: f16 rounds).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for ForwardOptions {
@@ -94,6 +97,7 @@ impl Default for ForwardOptions {
         ForwardOptions {
             overlap: true,
             fused_allreduce: true,
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -369,18 +373,20 @@ impl Model {
     /// An empty KV cache of `num_blocks` blocks of `block_size` positions, for this rank's
     /// kv heads. Attention scores are sized for it at once: a decode step (one token per
     /// sequence) never needs more, so decode never allocates them.
-    pub fn new_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> KvCache {
-        grow(
-            &mut self.scratch.scores,
-            self.plan.heads.num_q() * num_blocks * block_size,
-        );
-        KvCache::new(
+    pub fn new_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
+        let kv = KvCache::new(
             self.cfg.num_layers,
             self.plan.heads.num_kv(),
             self.cfg.head_dim,
             num_blocks,
             block_size,
-        )
+            self.options.kv_dtype,
+        )?;
+        grow(
+            &mut self.scratch.scores,
+            self.plan.heads.num_q() * num_blocks * block_size,
+        );
+        Ok(kv)
     }
 
     /// Runs one step — the new tokens of every sequence in `seqs`, as one batch, so each
@@ -464,6 +470,7 @@ impl Model {
         let ForwardOptions {
             overlap,
             fused_allreduce: fused,
+            ..
         } = self.options;
         let nh = n * hidden;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -497,17 +504,19 @@ impl Model {
                 score_at: &s.score_at,
                 block_size: kv.block_size(),
             };
-            attend(
-                heads,
-                d,
-                &s.qkv,
-                qkv_width,
-                &batch,
-                kv.layer(l),
-                &mut s.scores,
-                &mut s.attn,
-                &self.threads,
-            );
+            let (qkv, scores, attn) = (&s.qkv, &mut s.scores, &mut s.attn);
+            let threads = &self.threads;
+            // One attention per stored type.
+            macro_rules! attend_rows {
+                ($($kind:ident),*) => {
+                    match kv.layer(l) {
+                        $(KvLayer::$kind(k, v) => {
+                            attend(heads, d, qkv, qkv_width, &batch, (k, v), scores, attn, threads)
+                        })*
+                    }
+                };
+            }
+            attend_rows!(F32, F16, BF16);
             layer
                 .o_proj
                 .forward(&s.attn, &s.runs, &mut s.fixed, &self.threads, comm, overlap)?;
@@ -582,13 +591,13 @@ struct Batch<'a> {
 /// one (token, local kv head) per unit: each cached key and value row is read once for all
 /// the query heads that share it (GQA), and every head is computed exactly as alone.
 #[allow(clippy::too_many_arguments)]
-fn attend<'a>(
+fn attend<'a, T: KvElem>(
     heads: &HeadShard,
     d: usize,
     qkv: &[f32],
     qkv_width: usize,
     batch: &Batch,
-    (keys, values): (&'a [f32], &'a [f32]),
+    (keys, values): (&'a [T], &'a [T]),
     scores: &mut [f32],
     out: &mut [f32],
     threads: &Threads,
@@ -597,7 +606,7 @@ fn attend<'a>(
     let (nq, nkv) = (heads.num_q(), heads.num_kv());
     let kv_row = nkv * d;
     let scale = 1.0 / (d as f32).sqrt();
-    let (score, weighted_sum) = (attention::scores_fn(), attention::weighted_sum_fn());
+    let (score, weighted_sum) = (T::scores_fn(), T::weighted_sum_fn());
     let scores = DisjointChunks::new(scores, 1);
     let out = DisjointChunks::new(&mut out[..n * nq * d], d);
     let bs = batch.block_size;
@@ -607,7 +616,7 @@ fn attend<'a>(
             let seen = batch.positions[t] + 1;
             let blocks = &batch.seqs[batch.seq_of[t]].blocks[..seen.div_ceil(bs)];
             // Block b's rows of this kv head: positions b·bs.., kv_row floats apart.
-            let rows = |cache: &'a [f32], b: usize| {
+            let rows = |cache: &'a [T], b: usize| {
                 let n = (seen - b * bs).min(bs);
                 let at = blocks[b] as usize * bs * kv_row + k * d;
                 (b * bs..b * bs + n, &cache[at..at + (n - 1) * kv_row + d])

@@ -3,5 +3,5 @@
 pub mod kv_cache;
 pub mod llama;
 
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use llama::{ForwardOptions, Logits, Model, SeqStep, ShardPlan};

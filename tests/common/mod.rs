@@ -5,6 +5,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use tpserve::engine::{self, Driver, GroupOptions};
 use tpserve::loader;
+use tpserve::model::KvDtype;
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -57,8 +58,22 @@ pub fn with_group_threads<T: Send>(
     kv_capacity: usize,
     f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
 ) -> T {
+    // The transformers references are computed in f32: so is the cache they are held to.
+    with_group_kv(model, tp, threads, kv_capacity, KvDtype::F32, f)
+}
+
+/// As [`with_group_threads`], with the KV cache in `kv_dtype`.
+pub fn with_group_kv<T: Send>(
+    model: &str,
+    tp: usize,
+    threads: usize,
+    kv_capacity: usize,
+    kv_dtype: KvDtype,
+    f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
+) -> T {
     let files = loader::open_model(&fixture(model)).unwrap();
-    let opts = GroupOptions::single_sequence(tp, Some(threads), kv_capacity);
+    let mut opts = GroupOptions::single_sequence(tp, Some(threads), kv_capacity);
+    opts.forward.kv_dtype = kv_dtype;
     engine::run_local(files.tensors.as_ref(), &files.config, &opts, f).unwrap()
 }
 
