@@ -55,7 +55,12 @@ pub fn run(args: BenchServingArgs) -> Result<()> {
 }
 
 async fn bench(args: BenchServingArgs) -> Result<()> {
-    let client = reqwest::Client::new();
+    // A fresh connection per request: some servers (llama-server) close a connection after
+    // a streamed reply, and a pooled one would then fail the next request.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .context("cannot make an HTTP client")?;
     let base = args.base_url.trim_end_matches('/').to_owned();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let prompts: Vec<Vec<u32>> = (0..args.num_prompts)
