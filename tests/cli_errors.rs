@@ -226,3 +226,11 @@ fn generate_json_output_shape() {
     assert!(logits.windows(2).all(|w| w[0] >= w[1]), "descending");
     assert_eq!(top[0]["id"].as_u64().unwrap() as u32, case.greedy_ids[0]);
 }
+
+#[test]
+fn unknown_kv_cache_dtype_is_named() {
+    assert_clean_failure(
+        generate(&common::fixture("tiny-llama"), &["--kv-cache-dtype", "fp8"]),
+        &["--kv-cache-dtype fp8", "auto, f16, bf16, f32"],
+    );
+}
