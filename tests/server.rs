@@ -220,6 +220,7 @@ async fn openai_and_native_apis_at_tp_2() {
 
     check_bad_requests(b, &name).await;
     check_extreme_sampling(b).await;
+    check_tool_turns_are_accepted(b).await;
     check_batching(b).await;
     check_over_capacity(b).await;
     check_disconnect_frees_blocks(b).await;
@@ -239,6 +240,21 @@ async fn openai_and_native_apis_at_tp_2() {
     ] {
         assert!(metrics.contains(name), "metrics lack {name}");
     }
+}
+
+/// What OpenAI accepts is accepted: an assistant turn of tool calls without content, and
+/// the tool's answer with its `tool_call_id`.
+async fn check_tool_turns_are_accepted(b: &str) {
+    let call = json!({"id": "call_1", "type": "function",
+        "function": {"name": "capital", "arguments": "{\"country\": \"France\"}"}});
+    let body = json!({"max_tokens": 2, "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Capital of France?"}]},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Paris"},
+    ]});
+    let (status, v) = post(b, "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
 }
 
 /// Sampling settings at the edges of what is accepted are served, not fatal: a temperature
@@ -291,6 +307,30 @@ async fn check_bad_requests(b: &str, model: &str) {
             json!({"max_tokens": 2}),
             400,
             "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "alien", "content": "hi"}]}),
+            400,
+            "role `alien` is not one of system, developer, user, assistant, tool",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": null}]}),
+            400,
+            "messages[0]: `content` must be a string",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}),
+            400,
+            "messages[1]: `content`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}),
+            400,
+            "needs `tool_call_id`",
         ),
         (
             "/v1/chat/completions",

@@ -65,6 +65,53 @@ struct ChatRequest {
 struct RawMessage {
     role: String,
     content: Option<Content>,
+    tool_calls: Option<Vec<Value>>,
+    tool_call_id: Option<String>,
+}
+
+/// The roles of OpenAI's chat messages.
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+impl RawMessage {
+    /// The message as a template sees it, after OpenAI's rules: a known role; content a
+    /// string or a list of text parts, null only for an assistant message with tool calls;
+    /// a `tool_call_id` on tool messages.
+    fn into_chat(self, i: usize) -> Result<ChatMessage, ApiError> {
+        let bad = |what: String| ApiError::param("messages", format!("messages[{i}]: {what}"));
+        if !ROLES.contains(&self.role.as_str()) {
+            return Err(bad(format!(
+                "role `{}` is not one of {}",
+                self.role,
+                ROLES.join(", ")
+            )));
+        }
+        if self.role == "tool" && self.tool_call_id.is_none() {
+            return Err(bad("a tool message needs `tool_call_id`".into()));
+        }
+        let content = match self.content {
+            None if self.role == "assistant" && self.tool_calls.is_some() => String::new(),
+            None => {
+                return Err(bad(
+                    "`content` must be a string or a list of content parts".into()
+                ))
+            }
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => parts
+                .into_iter()
+                .map(|p| match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => Ok(t),
+                    (kind, _) => Err(bad(format!(
+                        "content parts of type `{kind}` are not supported; send text"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .concat(),
+        };
+        Ok(ChatMessage {
+            role: self.role,
+            content,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -193,27 +240,8 @@ pub async fn chat_completions(
     }
     let messages = raw
         .into_iter()
-        .map(|m| {
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => parts
-                    .into_iter()
-                    .map(|p| match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => Ok(t),
-                        (kind, _) => Err(ApiError::param(
-                            "messages",
-                            format!("content parts of type `{kind}` are not supported; send text"),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-                    .concat(),
-            };
-            Ok(ChatMessage {
-                role: m.role,
-                content,
-            })
-        })
+        .enumerate()
+        .map(|(i, m)| m.into_chat(i))
         .collect::<Result<Vec<_>, ApiError>>()?;
     let template = state.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; start the server with --chat-template FILE, or use /v1/completions")
