@@ -188,31 +188,28 @@ impl Sampler {
     }
 
     /// One draw over the whole vocabulary (no top-k, no nucleus): min-p filters by weight,
-    /// which needs no order.
+    /// which needs no order. Each weight is computed once; the best weighs 1 >= min_p, so
+    /// the kept list is never empty.
     fn draw_in_id_order(&mut self, logits: &[f32], weight: impl Fn(f32) -> f32) -> u32 {
         let min_p = self.params.min_p;
-        let kept = |l: f32| {
-            let w = weight(l);
-            if w >= min_p {
-                w
-            } else {
-                0.0
-            }
-        };
-        let sum: f32 = logits.iter().map(|&l| kept(l)).sum();
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(id, &l)| (id as u32, weight(l)))
+                .filter(|&(_, w)| w > 0.0 && w >= min_p),
+        );
+        let sum: f32 = c.iter().map(|&(_, w)| w).sum();
         let mut r = self.rng.random::<f32>() * sum;
-        let mut last = argmax(logits);
-        for (id, &l) in logits.iter().enumerate() {
-            let w = kept(l);
-            if w > 0.0 {
-                if r < w {
-                    return id as u32;
-                }
-                r -= w;
-                last = id as u32;
+        for &(id, w) in c.iter() {
+            if r < w {
+                return id;
             }
+            r -= w;
         }
-        last
+        c[c.len() - 1].0
     }
 
     /// Top-k, nucleus and min-p over `self.candidates` (sorted by [`by_logit`], not empty),

@@ -97,41 +97,31 @@ mod x86 {
         crate::kernels::dot::has_avx2_fma() && std::arch::is_x86_feature_detected!("f16c")
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores_f32(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-        check(keys, out.len(), stride, q.len());
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = dot_f32(q, keys.get_unchecked(r * stride..r * stride + q.len())) * scale;
-        }
+    macro_rules! scores {
+        ($name:ident, $t:ty, |$q:ident, $key:ident| $dot:expr) => {
+            /// # Safety
+            /// The CPU must support AVX2, FMA and F16C.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(
+                q: &[f32],
+                keys: &[$t],
+                stride: usize,
+                scale: f32,
+                out: &mut [f32],
+            ) {
+                check(keys, out.len(), stride, q.len());
+                for (r, o) in out.iter_mut().enumerate() {
+                    let ($q, $key) = (q, keys.get_unchecked(r * stride..r * stride + q.len()));
+                    *o = $dot * scale;
+                }
+            }
+        };
     }
 
-    /// # Safety
-    /// As [`scores_f32`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores_f16(q: &[f32], keys: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
-        check(keys, out.len(), stride, q.len());
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = dot_f16(keys.get_unchecked(r * stride..r * stride + q.len()), q) * scale;
-        }
-    }
-
-    /// # Safety
-    /// As [`scores_f32`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores_bf16(
-        q: &[f32],
-        keys: &[bf16],
-        stride: usize,
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        check(keys, out.len(), stride, q.len());
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = dot_bf16(keys.get_unchecked(r * stride..r * stride + q.len()), q) * scale;
-        }
-    }
+    // Each with the argument order of the weight kernel it reuses (same bits as before).
+    scores!(scores_f32, f32, |q, key| dot_f32(q, key));
+    scores!(scores_f16, f16, |q, key| dot_f16(key, q));
+    scores!(scores_bf16, bf16, |q, key| dot_bf16(key, q));
 
     /// Floats of the output held in registers while a block's rows are added.
     const CHUNK: usize = 64;
@@ -139,7 +129,7 @@ mod x86 {
     macro_rules! weighted_sum {
         ($name:ident, $t:ty, $load:expr) => {
             /// # Safety
-            /// As [`scores_f32`].
+            /// The CPU must support AVX2, FMA and F16C.
             #[target_feature(enable = "avx2,fma,f16c")]
             pub unsafe fn $name(weights: &[f32], values: &[$t], stride: usize, out: &mut [f32]) {
                 check(values, weights.len(), stride, out.len());
