@@ -2,11 +2,13 @@
 //! apart), for each type the KV cache stores (f32, f16, bf16): the scores of a query against
 //! each key, and the softmax-weighted sum of the values.
 //!
-//! Each score is computed exactly as the dot products of [`super::dot`] compute it (the
-//! weight kernels of the same type), and each output element accumulates its rows in order
-//! with one fused multiply-add each, exactly as a loop of [`super::dot::axpy_fn`] over the
-//! widened rows would: only the loop structure changes (calls inlined, the output kept in
-//! registers across a block).
+//! A score sums its products in eight lanes (one fused multiply-add per element, eight
+//! elements apart), then adds the lanes pairwise, then the tail past a multiple of eight:
+//! eight keys are scored at once and their lanes added in one transposing sum, with no
+//! per-key horizontal sum. Each output element of the weighted sum accumulates its rows in
+//! order with one fused multiply-add each, exactly as a loop of [`super::dot::axpy_fn`]
+//! over the widened rows would. The scalar twins spell out both orders; every SIMD kernel
+//! gives their bits.
 
 use half::{bf16, f16};
 
@@ -69,9 +71,21 @@ pub mod scalar {
 
     pub fn scores<T: KvElem>(q: &[f32], keys: &[T], stride: usize, scale: f32, out: &mut [f32]) {
         check(keys, out.len(), stride, q.len());
+        let body = q.len() - q.len() % 8;
         for (r, o) in out.iter_mut().enumerate() {
             let key = &keys[r * stride..r * stride + q.len()];
-            *o = q.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
+            let mut lanes = [0.0f32; 8];
+            for c in (0..body).step_by(8) {
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    *lane = q[c + l].mul_add(key[c + l].to_f32(), *lane);
+                }
+            }
+            let [a, b, c, d, e, f, g, h] = lanes;
+            let mut total = ((a + b) + (c + d)) + ((e + f) + (g + h));
+            for c in body..q.len() {
+                total += q[c] * key[c].to_f32();
+            }
+            *o = total * scale;
         }
     }
 
@@ -89,7 +103,7 @@ pub mod scalar {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{check, KvElem};
-    use crate::kernels::dot::x86::{dot_bf16, dot_f16, dot_f32, load_bf16, load_f16};
+    use crate::kernels::dot::x86::{hsum8, load_bf16, load_f16};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -98,7 +112,7 @@ mod x86 {
     }
 
     macro_rules! scores {
-        ($name:ident, $t:ty, |$q:ident, $key:ident| $dot:expr) => {
+        ($name:ident, $t:ty, $load:expr) => {
             /// # Safety
             /// The CPU must support AVX2, FMA and F16C.
             #[target_feature(enable = "avx2,fma,f16c")]
@@ -110,18 +124,37 @@ mod x86 {
                 out: &mut [f32],
             ) {
                 check(keys, out.len(), stride, q.len());
-                for (r, o) in out.iter_mut().enumerate() {
-                    let ($q, $key) = (q, keys.get_unchecked(r * stride..r * stride + q.len()));
-                    *o = $dot * scale;
+                let (d, n) = (q.len(), out.len());
+                let body = d - d % 8;
+                let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+                for r in (0..n).step_by(8) {
+                    // Eight keys at once; past the end the last key is scored again, unused.
+                    let key: [*const $t; 8] =
+                        std::array::from_fn(|k| kp.add((r + k).min(n - 1) * stride));
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in (0..body).step_by(8) {
+                        let qv = _mm256_loadu_ps(qp.add(c));
+                        for (a, k) in acc.iter_mut().zip(key) {
+                            *a = _mm256_fmadd_ps(qv, $load(k.add(c)), *a);
+                        }
+                    }
+                    let mut sums = [0.0f32; 8];
+                    _mm256_storeu_ps(sums.as_mut_ptr(), hsum8(acc));
+                    for (k, total) in sums.into_iter().enumerate().take(n - r) {
+                        let mut total = total;
+                        for c in body..d {
+                            total += *qp.add(c) * (*key[k].add(c)).to_f32();
+                        }
+                        *out.get_unchecked_mut(r + k) = total * scale;
+                    }
                 }
             }
         };
     }
 
-    // Each with the argument order of the weight kernel it reuses (same bits as before).
-    scores!(scores_f32, f32, |q, key| dot_f32(q, key));
-    scores!(scores_f16, f16, |q, key| dot_f16(key, q));
-    scores!(scores_bf16, bf16, |q, key| dot_bf16(key, q));
+    scores!(scores_f32, f32, |p: *const f32| _mm256_loadu_ps(p));
+    scores!(scores_f16, f16, |p: *const f16| load_f16(p));
+    scores!(scores_bf16, bf16, |p: *const bf16| load_bf16(p));
 
     /// Floats of the output held in registers while a block's rows are added.
     const CHUNK: usize = 64;
@@ -179,14 +212,14 @@ mod tests {
     use crate::kernels::dot;
     use rand::{Rng, SeedableRng};
 
-    /// Both kernels of every type give the bits of the loops they replace (the dot product
-    /// of that type's weight kernels, and axpy over the widened rows), for head sizes with
-    /// and without tails and strides wider than a row; the scalar twins agree to rounding.
+    /// Both kernels of every type give the bits of their scalar twins (scores: and agree
+    /// with a plain dot product to rounding; weighted sums: axpy over the widened rows), for
+    /// head sizes with and without tails, key counts around eight and strides wider than a row.
     fn check_type<T: KvElem>(from: fn(f32) -> T, dot: dot::DotFn<T>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
         let axpy = dot::axpy_fn();
         for d in [1, 8, 13, 64, 80, 128, 200] {
-            for (n, stride) in [(1, d), (5, d), (16, 3 * d + 5)] {
+            for (n, stride) in [(1, d), (5, d), (8, d), (9, 2 * d), (16, 3 * d + 5)] {
                 let rows: Vec<T> = (0..(n - 1) * stride + d)
                     .map(|_| from(rng.random_range(-2.0..2.0)))
                     .collect();
@@ -194,15 +227,12 @@ mod tests {
                 let w: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
                 let row = |r: usize| &rows[r * stride..r * stride + d];
                 let want: Vec<f32> = (0..n).map(|r| dot(row(r), &q) * 0.125).collect();
-                let mut got = vec![0.0; n];
+                let (mut got, mut twin) = (vec![0.0; n], vec![0.0; n]);
                 T::scores_fn()(&q, &rows, stride, 0.125, &mut got);
-                assert_eq!(got, want, "scores d {d} n {n}");
-                scalar::scores(&q, &rows, stride, 0.125, &mut got);
+                scalar::scores(&q, &rows, stride, 0.125, &mut twin);
+                assert_eq!(got, twin, "scores d {d} n {n}");
                 for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "scalar scores d {d}"
-                    );
+                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "scores d {d}");
                 }
                 let start: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let mut want = start.clone();

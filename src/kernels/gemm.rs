@@ -55,6 +55,7 @@ pub fn dot_2x4_fixed_fn(segment: usize) -> Dot2x4Fixed {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::kernels::dot::x86::hsum8;
     use crate::kernels::fixed::x86::to_fixed4;
     use std::arch::x86_64::*;
 
@@ -63,21 +64,6 @@ mod x86 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-
-    /// Eight 8-lane accumulators to one vector of their eight sums, in order.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
-        let s01 = _mm256_hadd_ps(a[0], a[1]);
-        let s23 = _mm256_hadd_ps(a[2], a[3]);
-        let s45 = _mm256_hadd_ps(a[4], a[5]);
-        let s67 = _mm256_hadd_ps(a[6], a[7]);
-        let s0123 = _mm256_hadd_ps(s01, s23);
-        let s4567 = _mm256_hadd_ps(s45, s67);
-        // Each 128-bit half now holds partial sums of all four: add the halves.
-        let lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
-        let hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-        _mm256_add_ps(lo, hi)
     }
 
     /// # Safety

@@ -1,6 +1,6 @@
 //! A weight matrix in its stored format and the product `y = x · Wᵀ` over a batch of tokens.
 
-use super::dot::{dot_bf16_fn, dot_f16_fn, dot_f32_fn, DotFn};
+use super::dot::{dot_bf16_fns, dot_f16_fns, dot_f32_fn, dot_f32_fns, DotFns, TILE};
 use super::fixed::to_fixed;
 use super::gemm::{dot_2x4_fixed_fn, dot_2x4_fn};
 use super::kdot::{kdot_fn, KDotFn};
@@ -178,9 +178,9 @@ impl Matrix {
             return self.matmul_panels(x, tokens, y, threads);
         }
         match &self.storage {
-            Storage::F32(w) => self.matmul_with(w, dot_f32_fn(), x, tokens, y, threads),
-            Storage::BF16(w) => self.matmul_with(w, dot_bf16_fn(), x, tokens, y, threads),
-            Storage::F16(w) => self.matmul_with(w, dot_f16_fn(), x, tokens, y, threads),
+            Storage::F32(w) => self.matmul_with(w, dot_f32_fns(), x, tokens, y, threads),
+            Storage::BF16(w) => self.matmul_with(w, dot_bf16_fns(), x, tokens, y, threads),
+            Storage::F16(w) => self.matmul_with(w, dot_f16_fns(), x, tokens, y, threads),
             Storage::Quant(t, w) => self.matmul_quant(*t, w, x, tokens, y, threads),
             Storage::Packed(p) => {
                 let (one, _) = packed_fns(p.ty, Isa::detect());
@@ -528,7 +528,7 @@ impl Matrix {
     fn matmul_with<W: Sync>(
         &self,
         w: &[W],
-        dot: DotFn<W>,
+        (dot, tile): DotFns<W>,
         x: &[f32],
         tokens: usize,
         y: &mut [f32],
@@ -536,12 +536,20 @@ impl Matrix {
     ) {
         let (rows, cols) = (self.rows, self.cols);
         let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
+        let tiled = tokens - tokens % TILE;
         threads.for_each_range(rows, |range| {
             for j in range {
                 let row = &w[j * cols..(j + 1) * cols];
-                for t in 0..tokens {
-                    // SAFETY: each output row j belongs to one range, so each element of y
-                    // is written by exactly one thread.
+                // SAFETY (both writes): each output row j belongs to one range, so each
+                // element of y is written by exactly one thread.
+                for t0 in (0..tiled).step_by(TILE) {
+                    let mut vals = [0.0; TILE];
+                    tile(row, &x[t0 * cols..(t0 + TILE) * cols], &mut vals);
+                    for (t, v) in (t0..).zip(vals) {
+                        unsafe { out.chunk(t * rows + j)[0] = v };
+                    }
+                }
+                for t in tiled..tokens {
                     unsafe { out.chunk(t * rows + j)[0] = dot(row, &x[t * cols..(t + 1) * cols]) };
                 }
             }

@@ -75,6 +75,7 @@ pub struct KvCache {
     dtype: KvDtype,
     /// Values per position (`kv_heads × head_dim`).
     row: usize,
+    head_dim: usize,
     block_size: usize,
     num_blocks: usize,
 }
@@ -102,6 +103,7 @@ impl KvCache {
             values: (0..layers).map(|_| Rows::new(dtype, len)).collect(),
             dtype,
             row,
+            head_dim,
             block_size,
             num_blocks,
         })
@@ -130,12 +132,20 @@ impl KvCache {
 
     /// Stores one position's keys and values (`kv_heads × head_dim` each) at `slot`.
     pub fn store(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let at = slot * self.row;
-        self.keys[layer].store(at, &k[..self.row]);
-        self.values[layer].store(at, &v[..self.row]);
+        let (bs, d) = (self.block_size, self.head_dim);
+        let (block, offset) = (slot / bs, slot % bs);
+        let heads = k[..self.row]
+            .chunks_exact(d)
+            .zip(v[..self.row].chunks_exact(d));
+        for (h, (k, v)) in heads.enumerate() {
+            let at = ((block * (self.row / d) + h) * bs + offset) * d;
+            self.keys[layer].store(at, k);
+            self.values[layer].store(at, v);
+        }
     }
 
-    /// Keys and values of a layer, `[slot][kv head][head_dim]`.
+    /// Keys and values of a layer, `[block][kv head][position in block][head_dim]`: one
+    /// head's rows of a block lie together, so attention reads them in one sweep.
     pub fn layer(&self, layer: usize) -> KvLayer<'_> {
         match (&self.keys[layer], &self.values[layer]) {
             (Rows::F32(k), Rows::F32(v)) => KvLayer::F32(k, v),

@@ -604,7 +604,6 @@ fn attend<'a, T: KvElem>(
 ) {
     let n = batch.positions.len();
     let (nq, nkv) = (heads.num_q(), heads.num_kv());
-    let kv_row = nkv * d;
     let scale = 1.0 / (d as f32).sqrt();
     let (score, weighted_sum) = (T::scores_fn(), T::weighted_sum_fn());
     let scores = DisjointChunks::new(scores, 1);
@@ -615,11 +614,11 @@ fn attend<'a, T: KvElem>(
             let (t, k) = (u / nkv, u % nkv);
             let seen = batch.positions[t] + 1;
             let blocks = &batch.seqs[batch.seq_of[t]].blocks[..seen.div_ceil(bs)];
-            // Block b's rows of this kv head: positions b·bs.., kv_row floats apart.
+            // Block b's rows of this kv head: positions b·bs.., one after another.
             let rows = |cache: &'a [T], b: usize| {
                 let n = (seen - b * bs).min(bs);
-                let at = blocks[b] as usize * bs * kv_row + k * d;
-                (b * bs..b * bs + n, &cache[at..at + (n - 1) * kv_row + d])
+                let at = (blocks[b] as usize * nkv + k) * bs * d;
+                (b * bs..b * bs + n, &cache[at..at + n * d])
             };
             let q = |i: usize| &qkv[t * qkv_width + i * d..t * qkv_width + (i + 1) * d];
             let sharing = heads.local_q_for(k);
@@ -630,7 +629,7 @@ fn attend<'a, T: KvElem>(
                 let (at, keys) = rows(keys, b);
                 for (h, i) in sharing.clone().enumerate() {
                     let out = &mut sc[h * seen + at.start..h * seen + at.end];
-                    score(q(i), keys, kv_row, scale, out);
+                    score(q(i), keys, d, scale, out);
                 }
             }
             for (h, i) in sharing.clone().enumerate() {
@@ -643,7 +642,7 @@ fn attend<'a, T: KvElem>(
                 for (h, i) in sharing.clone().enumerate() {
                     let weights = &sc[h * seen + at.start..h * seen + at.end];
                     // SAFETY: as above.
-                    weighted_sum(weights, values, kv_row, unsafe { out.chunk(t * nq + i) });
+                    weighted_sum(weights, values, d, unsafe { out.chunk(t * nq + i) });
                 }
             }
         }
