@@ -149,6 +149,15 @@ fn fixture_models_under_mpirun_match_their_references() {
     }
 }
 
+/// A chat request to the server on `port`, with curl.
+fn post_chat(port: u16, body: &str) -> std::process::Output {
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    Command::new("curl")
+        .args(["-s", "--max-time", "30", &url, "-d", body])
+        .output()
+        .unwrap()
+}
+
 /// `mpirun -np 2 tpserve serve`: rank 0 answers HTTP; killing rank 1 stops the job within
 /// 10 s with a message naming the rank.
 #[test]
@@ -173,17 +182,7 @@ fn serve_under_mpirun_and_a_rank_that_dies() {
     let chat = r#"{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16,"temperature":0}"#;
     let deadline = Instant::now() + Duration::from_secs(60);
     let reply = loop {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "--max-time",
-                "30",
-                &format!("http://127.0.0.1:{port}/v1/chat/completions"),
-                "-d",
-                chat,
-            ])
-            .output()
-            .unwrap();
+        let out = post_chat(port, chat);
         if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
             break v;
         }
@@ -209,6 +208,13 @@ fn serve_under_mpirun_and_a_rank_that_dies() {
         "16",
     ]);
     assert_eq!(text, local["text"].as_str().unwrap(), "{reply}");
+    assert_eq!(reply["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+
+    // Again: the prompt's two whole blocks (32 of its 37 tokens) come from the prefix cache
+    // on rank 0, every rank reads its own heads of them, and the reply is the same.
+    let again: Value = serde_json::from_slice(&post_chat(port, chat).stdout).unwrap();
+    assert_eq!(again["choices"][0]["message"]["content"], text, "{again}");
+    assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 32);
 
     // Rank 1 is the newest tpserve process of the job.
     let pattern = format!("^{} serve .*--port {port}", env!("CARGO_BIN_EXE_tpserve"));

@@ -1,6 +1,7 @@
 //! `tpserve bench-serving`: SGLang's bench_serving against any OpenAI-compatible server.
-//! Random-token prompts, streamed completions, fixed concurrency; reports throughput, time
-//! to first token and inter-token latency.
+//! Random-token prompts (alone, in groups that share a long system prompt, or as multi-turn
+//! chats), streamed completions, fixed concurrency; reports throughput, time to first
+//! token, inter-token latency and the prompt tokens the server found in its prefix cache.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -30,6 +31,25 @@ pub struct BenchServingArgs {
     pub id_range: u32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// random (independent prompts), generated-shared-prefix (groups sharing a system
+    /// prompt; SGLang's) or multi-turn (chats whose every turn extends the last).
+    #[arg(long, default_value = "random")]
+    pub dataset: String,
+    /// generated-shared-prefix: groups, each with its own system prompt.
+    #[arg(long, default_value_t = 8)]
+    pub gsp_num_groups: usize,
+    #[arg(long, default_value_t = 8)]
+    pub gsp_prompts_per_group: usize,
+    /// generated-shared-prefix: tokens of each group's system prompt.
+    #[arg(long, default_value_t = 1024)]
+    pub gsp_system_prompt_len: usize,
+    /// generated-shared-prefix: tokens of each question after the system prompt.
+    #[arg(long, default_value_t = 32)]
+    pub gsp_question_len: usize,
+    /// multi-turn: turns per chat (--num-prompts chats; each turn adds the last reply's
+    /// length of stand-in reply tokens and --input-len new tokens to the last prompt).
+    #[arg(long, default_value_t = 4)]
+    pub multi_turn_rounds: usize,
     #[arg(long)]
     pub api_key: Option<String>,
     #[arg(long)]
@@ -40,7 +60,63 @@ pub struct BenchServingArgs {
 struct Sample {
     ttft: Duration,
     gaps: Vec<Duration>,
+    prompt_tokens: usize,
     output_tokens: usize,
+    /// Prompt tokens the server reports it found in its prefix cache.
+    cached_tokens: usize,
+}
+
+/// What the requests are: each inner list is one client's requests, sent in order.
+fn workload(args: &BenchServingArgs) -> Result<Vec<Vec<Vec<u32>>>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut random = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| 1000 + rng.random_range(0..args.id_range))
+            .collect()
+    };
+    match args.dataset.as_str() {
+        "random" => Ok((0..args.num_prompts)
+            .map(|_| vec![random(args.input_len)])
+            .collect()),
+        "generated-shared-prefix" => {
+            if args.gsp_num_groups == 0 || args.gsp_prompts_per_group == 0 {
+                bail!("--gsp-num-groups and --gsp-prompts-per-group must be at least 1");
+            }
+            let mut all = Vec::new();
+            for _ in 0..args.gsp_num_groups {
+                let system = random(args.gsp_system_prompt_len);
+                for _ in 0..args.gsp_prompts_per_group {
+                    let mut p = system.clone();
+                    p.extend(random(args.gsp_question_len.max(1)));
+                    all.push(vec![p]);
+                }
+            }
+            // Groups interleave, as users of several applications would.
+            use rand::seq::SliceRandom;
+            all.shuffle(&mut rand::rngs::StdRng::seed_from_u64(args.seed + 1));
+            Ok(all)
+        }
+        "multi-turn" => {
+            if args.multi_turn_rounds == 0 {
+                bail!("--multi-turn-rounds must be at least 1");
+            }
+            Ok((0..args.num_prompts)
+                .map(|_| {
+                    let mut turns = vec![random(args.input_len)];
+                    for _ in 1..args.multi_turn_rounds {
+                        let mut next = turns.last().expect("one turn").clone();
+                        next.extend(random(args.output_len));
+                        next.extend(random(args.input_len));
+                        turns.push(next);
+                    }
+                    turns
+                })
+                .collect())
+        }
+        other => {
+            bail!("unknown --dataset {other:?}: random, generated-shared-prefix or multi-turn")
+        }
+    }
 }
 
 pub fn run(args: BenchServingArgs) -> Result<()> {
@@ -62,30 +138,29 @@ async fn bench(args: BenchServingArgs) -> Result<()> {
         .build()
         .context("cannot make an HTTP client")?;
     let base = args.base_url.trim_end_matches('/').to_owned();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let prompts: Vec<Vec<u32>> = (0..args.num_prompts)
-        .map(|_| {
-            (0..args.input_len)
-                .map(|_| 1000 + rng.random_range(0..args.id_range))
-                .collect()
-        })
-        .collect();
+    let clients = workload(&args)?;
     let limit = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
     let start = Instant::now();
-    let tasks: Vec<_> = prompts
+    let tasks: Vec<_> = clients
         .into_iter()
-        .map(|prompt| {
+        .map(|prompts| {
             let (client, base, limit) = (client.clone(), base.clone(), limit.clone());
             let (output_len, key) = (args.output_len, args.api_key.clone());
             tokio::spawn(async move {
-                let _slot = limit.acquire_owned().await?;
-                one_request(&client, &base, prompt, output_len, key.as_deref()).await
+                let mut samples = Vec::new();
+                for prompt in prompts {
+                    let _slot = limit.acquire().await?;
+                    samples.push(
+                        one_request(&client, &base, prompt, output_len, key.as_deref()).await?,
+                    );
+                }
+                anyhow::Ok(samples)
             })
         })
         .collect();
     let mut samples = Vec::new();
     for t in tasks {
-        samples.push(
+        samples.extend(
             t.await
                 .map_err(|e| anyhow!("a request task failed: {e}"))??,
         );
@@ -101,6 +176,7 @@ async fn one_request(
     output_len: usize,
     key: Option<&str>,
 ) -> Result<Sample> {
+    let prompt_tokens = prompt.len();
     let body = json!({"prompt": prompt, "max_tokens": output_len, "temperature": 0,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
     let mut request = client.post(format!("{base}/v1/completions")).json(&body);
@@ -120,8 +196,8 @@ async fn one_request(
         );
     }
     let mut stream = response.bytes_stream();
-    let (mut buffer, mut last, mut ttft, mut gaps, mut usage) =
-        (Vec::new(), None, None, Vec::new(), None);
+    let (mut buffer, mut last, mut ttft, mut gaps, mut usage, mut cached_tokens) =
+        (Vec::new(), None, None, Vec::new(), None, 0);
     while let Some(chunk) = stream.next().await {
         buffer.extend_from_slice(&chunk?);
         while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
@@ -134,6 +210,9 @@ async fn one_request(
             };
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 usage = Some(n as usize);
+            }
+            if let Some(n) = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
+                cached_tokens = n as usize;
             }
             let has_text = v["choices"][0]["text"]
                 .as_str()
@@ -153,7 +232,9 @@ async fn one_request(
     Ok(Sample {
         ttft: ttft.ok_or_else(|| anyhow!("a request produced no text"))?,
         gaps,
+        prompt_tokens,
         output_tokens,
+        cached_tokens,
     })
 }
 
@@ -164,6 +245,8 @@ fn report(args: &BenchServingArgs, samples: &[Sample], elapsed: f64) -> Result<(
         .flat_map(|s| s.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
         .collect();
     let output: usize = samples.iter().map(|s| s.output_tokens).sum();
+    let prompt: usize = samples.iter().map(|s| s.prompt_tokens).sum();
+    let cached: usize = samples.iter().map(|s| s.cached_tokens).sum();
     let stats = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         let pick = |q: f64| {
@@ -179,6 +262,8 @@ fn report(args: &BenchServingArgs, samples: &[Sample], elapsed: f64) -> Result<(
         json!({"mean": mean, "p50": pick(0.5), "p99": pick(0.99)})
     };
     let result = json!({
+        "dataset": args.dataset,
+        "requests": samples.len(),
         "num_prompts": args.num_prompts,
         "concurrency": args.concurrency,
         "input_len": args.input_len,
@@ -186,7 +271,10 @@ fn report(args: &BenchServingArgs, samples: &[Sample], elapsed: f64) -> Result<(
         "duration_s": elapsed,
         "request_throughput": samples.len() as f64 / elapsed,
         "output_tokens_per_s": output as f64 / elapsed,
-        "total_tokens_per_s": (output + samples.len() * args.input_len) as f64 / elapsed,
+        "total_tokens_per_s": (output + prompt) as f64 / elapsed,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "cached_fraction": if prompt > 0 { cached as f64 / prompt as f64 } else { 0.0 },
         "ttft_ms": stats(&mut ttft),
         "itl_ms": stats(&mut itl),
     });
@@ -196,8 +284,14 @@ fn report(args: &BenchServingArgs, samples: &[Sample], elapsed: f64) -> Result<(
     }
     let ms = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     println!(
-        "requests {} at concurrency {}, {} in + {} out tokens each, {:.2} s",
-        args.num_prompts, args.concurrency, args.input_len, args.output_len, elapsed
+        "{} requests ({}) at concurrency {}, {} prompt tokens ({} cached), {} out each, {:.2} s",
+        samples.len(),
+        args.dataset,
+        args.concurrency,
+        prompt,
+        cached,
+        args.output_len,
+        elapsed
     );
     println!(
         "request throughput   {:>10.2} req/s",

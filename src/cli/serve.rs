@@ -2,7 +2,7 @@
 
 use crate::engine::affinity::parse_cpu_list;
 use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
-use crate::engine::scheduler::{self, EngineHandle, SchedulerConfig, Stats};
+use crate::engine::scheduler::{self, EngineHandle, SchedulePolicy, SchedulerConfig, Stats};
 use crate::engine::{self, ChatTemplate, GroupOptions, Launch, Tokenizer};
 use crate::loader::{self, ModelConfig, ModelFiles};
 use crate::model::ShardPlan;
@@ -52,6 +52,12 @@ pub struct ServeArgs {
     /// Prompt tokens prefilled per step, across requests.
     #[arg(long, default_value_t = 512)]
     pub chunked_prefill_size: usize,
+    /// Do not keep prompts' KV blocks for later requests that share their prefix.
+    #[arg(long)]
+    pub disable_radix_cache: bool,
+    /// Admission order of waiting requests: lpm (longest cached prefix first) or fcfs.
+    #[arg(long, default_value = "lpm")]
+    pub schedule_policy: String,
     /// A Jinja chat template file to use instead of the model's own.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
@@ -80,6 +86,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.chunked_prefill_size == 0 {
         bail!("--chunked-prefill-size must be at least 1");
     }
+    let policy = SchedulePolicy::parse(&args.schedule_policy)?;
     if !(args.mem_fraction_static > 0.0 && args.mem_fraction_static <= 1.0) {
         bail!(
             "--mem-fraction-static must be in (0, 1], got {}",
@@ -145,6 +152,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let sched = SchedulerConfig {
         max_running_requests: args.max_running_requests,
         chunked_prefill_size: args.chunked_prefill_size,
+        prefix_cache: !args.disable_radix_cache,
+        policy,
     };
     let mut stop_ids = cfg.eos_token_ids.clone();
     stop_ids.extend(tokenizer.end_of_turn_ids());
@@ -157,6 +166,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "max_running_requests": args.max_running_requests,
         "max_total_tokens": opts.kv_blocks * DEFAULT_BLOCK_SIZE,
         "chunked_prefill_size": args.chunked_prefill_size,
+        "disable_radix_cache": args.disable_radix_cache,
+        "schedule_policy": args.schedule_policy,
         "host": args.host,
         "port": args.port,
         "enable_metrics": args.enable_metrics,

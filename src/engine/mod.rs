@@ -3,8 +3,10 @@
 pub mod affinity;
 pub mod chat;
 pub mod generate;
+pub mod kv_blocks;
 pub mod perplexity;
 pub mod plan;
+pub mod prefix_cache;
 pub mod runtime;
 pub mod sampling;
 pub mod scheduler;

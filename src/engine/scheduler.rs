@@ -3,19 +3,23 @@
 //! Each step holds one new token of every running sequence (decode) plus chunks of waiting
 //! prompts (prefill) within a token budget; the model reads each weight once for all of
 //! them. A request reserves the KV blocks for its prompt and all its new tokens when it is
-//! admitted, so memory never runs out mid-generation: when blocks are short, requests wait.
+//! admitted, so memory never runs out mid-generation: when blocks are short, requests wait
+//! (see [`super::kv_blocks`]). A prompt that starts with tokens an earlier prompt had
+//! starts its prefill after them, on the prefix cache's blocks ([`super::prefix_cache`]).
 //! The scheduler deals in token ids; text (detokenizing, stop strings) is the caller's.
 
+use super::kv_blocks::{Admission, BlockTable, KvBlocks};
 use super::runtime::Driver;
 use super::sampling::{logprobs, Sampler, SamplingParams};
 use crate::kernels::Phase;
 use crate::model::{Logits, SeqStep};
 use anyhow::Result;
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What one request asks of the engine.
@@ -43,6 +47,9 @@ pub enum Event {
         id: u32,
         logprob: Option<TokenLogprob>,
     },
+    /// The first event: the request joined the running batch, with this many prompt tokens
+    /// found in the prefix cache.
+    Admitted { cached_tokens: usize },
     /// The last event: `stop` after a stop token, else `length`.
     Finished { stop: bool },
     /// The request cannot be served (it is never retried).
@@ -84,8 +91,25 @@ pub struct Request {
 
 pub enum Command {
     Submit(Request),
+    /// Empty the prefix cache (refused while requests run or wait).
+    FlushCache(tokio::sync::oneshot::Sender<FlushOutcome>),
     /// Stop: cancel whatever still runs and leave the loop.
     Shutdown,
+}
+
+/// What a cache flush did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushOutcome {
+    Flushed {
+        blocks: usize,
+    },
+    /// Requests are in flight: nothing was flushed.
+    Busy {
+        running: usize,
+        waiting: usize,
+    },
+    /// The server runs without a prefix cache.
+    NoCache,
 }
 
 /// Counters the server exposes (/metrics, /get_server_info).
@@ -98,6 +122,10 @@ pub struct Stats {
     pub block_size: AtomicUsize,
     pub requests_total: AtomicU64,
     pub prompt_tokens_total: AtomicU64,
+    /// Prompt tokens found in the prefix cache (not prefilled again).
+    pub cached_tokens_total: AtomicU64,
+    /// KV blocks the prefix cache holds.
+    pub cached_blocks: AtomicUsize,
     pub generation_tokens_total: AtomicU64,
     pub time_to_first_token: Mutex<Histogram>,
     pub inter_token_latency: Mutex<Histogram>,
@@ -143,12 +171,42 @@ pub struct SchedulerConfig {
     pub max_running_requests: usize,
     /// Tokens of prompt prefilled per step, across requests.
     pub chunked_prefill_size: usize,
+    /// Keep prompts' KV blocks for later requests that share their prefix.
+    pub prefix_cache: bool,
+    pub policy: SchedulePolicy,
 }
+
+/// The order waiting requests are admitted in (SGLang's `--schedule-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulePolicy {
+    /// Longest cached prefix first (first come, first served when the queue is long).
+    Lpm,
+    /// First come, first served.
+    Fcfs,
+}
+
+impl SchedulePolicy {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "lpm" => Ok(SchedulePolicy::Lpm),
+            "fcfs" => Ok(SchedulePolicy::Fcfs),
+            _ => anyhow::bail!("unknown --schedule-policy {s:?}: tpserve has lpm and fcfs"),
+        }
+    }
+}
+
+/// Above this many waiting requests lpm admits in arrival order (SGLang's limit), so that
+/// matching every waiting prompt never costs more than a step.
+const LPM_QUEUE_LIMIT: usize = 128;
+
+/// Tokens a waiting prompt must gain by waiting for another prompt's prefill (SGLang's
+/// in-batch prefix caching threshold).
+const IN_BATCH_PREFIX_GAIN: usize = 32;
 
 /// One request being served.
 struct Sequence {
     request: Request,
-    blocks: Vec<u32>,
+    table: BlockTable,
     /// Prompt tokens already in the KV cache.
     prefilled: usize,
     generated: Vec<u32>,
@@ -168,29 +226,6 @@ impl Sequence {
     }
 }
 
-/// Free KV blocks, handed out whole to sequences.
-struct BlockPool {
-    free: Vec<u32>,
-    total: usize,
-}
-
-impl BlockPool {
-    fn new(total: usize) -> Self {
-        BlockPool {
-            free: (0..total as u32).rev().collect(),
-            total,
-        }
-    }
-
-    fn take(&mut self, n: usize) -> Option<Vec<u32>> {
-        (n <= self.free.len()).then(|| self.free.split_off(self.free.len() - n))
-    }
-
-    fn give_back(&mut self, blocks: Vec<u32>) {
-        self.free.extend(blocks);
-    }
-}
-
 /// Serves requests from `commands` until a shutdown command (or every sender is gone).
 pub fn run(
     driver: &mut Driver,
@@ -199,157 +234,229 @@ pub fn run(
     stats: &Stats,
 ) -> Result<()> {
     let block_size = driver.block_size();
-    let mut pool = BlockPool::new(driver.kv_blocks());
-    stats.total_blocks.store(pool.total, Ordering::Relaxed);
+    let kv = KvBlocks::new(driver.kv_blocks(), block_size, cfg.prefix_cache);
+    stats.total_blocks.store(kv.total(), Ordering::Relaxed);
     stats.block_size.store(block_size, Ordering::Relaxed);
-    let vocab = driver.config().vocab_size;
-    let mut waiting: VecDeque<Request> = VecDeque::new();
-    let mut running: Vec<Sequence> = Vec::new();
-    loop {
-        // Intake: block only when there is nothing to do.
-        let next = if waiting.is_empty() && running.is_empty() {
+    let mut s = Scheduler {
+        cfg,
+        stats,
+        kv,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        vocab: driver.config().vocab_size,
+    };
+    while s.intake(&commands) {
+        s.drop_cancelled();
+        s.admit();
+        s.publish();
+        if s.running.is_empty() {
+            if !s.waiting.is_empty() {
+                // Cannot happen (with nothing running every block is free or evictable, and
+                // a request larger than the whole cache is refused): never spin on it.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            continue;
+        }
+        s.step(driver)?;
+        s.publish();
+    }
+    Ok(())
+}
+
+/// The scheduler's state between steps.
+struct Scheduler<'a> {
+    cfg: &'a SchedulerConfig,
+    stats: &'a Stats,
+    kv: KvBlocks,
+    waiting: VecDeque<Request>,
+    running: Vec<Sequence>,
+    vocab: usize,
+}
+
+impl Scheduler<'_> {
+    /// Takes new commands (blocking only when there is nothing to do); false once the
+    /// scheduler has shut down.
+    fn intake(&mut self, commands: &mpsc::Receiver<Command>) -> bool {
+        let idle = self.waiting.is_empty() && self.running.is_empty();
+        let next = if idle {
             commands.recv().ok()
         } else {
             commands.try_recv().ok()
         };
-        let mut shutdown = next.is_none() && waiting.is_empty() && running.is_empty();
+        let mut shutdown = next.is_none() && idle;
         for command in next
             .into_iter()
             .chain(std::iter::from_fn(|| commands.try_recv().ok()))
         {
             match command {
                 Command::Submit(r) => {
-                    stats.requests_total.fetch_add(1, Ordering::Relaxed);
-                    waiting.push_back(r);
+                    self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
+                    self.waiting.push_back(r);
+                }
+                Command::FlushCache(reply) => {
+                    let _ = reply.send(self.flush_cache());
                 }
                 Command::Shutdown => shutdown = true,
             }
         }
         if shutdown {
-            for seq in running.drain(..) {
-                let _ = seq.request.events.send(Event::failed(
-                    FailureKind::ShuttingDown,
-                    "the server is shutting down",
-                ));
+            let failed = || Event::failed(FailureKind::ShuttingDown, "the server is shutting down");
+            for seq in std::mem::take(&mut self.running) {
+                let _ = seq.request.events.send(failed());
+                self.kv.release(seq.table);
             }
-            for r in waiting.drain(..) {
-                let _ = r.events.send(Event::failed(
-                    FailureKind::ShuttingDown,
-                    "the server is shutting down",
-                ));
+            for r in self.waiting.drain(..) {
+                let _ = r.events.send(failed());
             }
-            return Ok(());
         }
+        !shutdown
+    }
 
-        // Cancelled requests leave before they cost a step.
-        waiting.retain(|r| !r.events.is_closed());
-        running.retain_mut(|seq| {
-            let keep = !seq.request.events.is_closed();
-            if !keep {
-                pool.give_back(std::mem::take(&mut seq.blocks));
-            }
-            keep
-        });
+    /// Empties the prefix cache (SGLang refuses while requests are in flight, so do we).
+    fn flush_cache(&mut self) -> FlushOutcome {
+        if !self.running.is_empty() || !self.waiting.is_empty() {
+            return FlushOutcome::Busy {
+                running: self.running.len(),
+                waiting: self.waiting.len(),
+            };
+        }
+        let outcome = match self.kv.flush() {
+            Some(blocks) => FlushOutcome::Flushed { blocks },
+            None => FlushOutcome::NoCache,
+        };
+        self.publish();
+        outcome
+    }
 
-        // Admission, in arrival order, while blocks and slots last.
-        while running.len() < cfg.max_running_requests {
-            let Some(r) = waiting.front() else { break };
-            let needed = (r.input_ids.len() + r.params.max_new_tokens).div_ceil(block_size);
-            if needed > pool.total {
-                let r = waiting.pop_front().expect("front exists");
-                let _ = r.events.send(Event::failed(
-                    FailureKind::Refused,
-                    format!(
-                    "the prompt ({} tokens) plus max tokens ({}) needs {} KV positions, more than \
-                     the server's {}; ask for fewer tokens or start the server with a larger \
-                     --max-total-tokens",
-                    r.input_ids.len(),
-                    r.params.max_new_tokens,
-                    needed * block_size,
-                    pool.total * block_size
-                ),
-                ));
+    /// Cancelled requests leave before they cost a step.
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|r| !r.events.is_closed());
+        let (keep, gone): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|seq| !seq.request.events.is_closed());
+        self.running = keep;
+        for seq in gone {
+            self.kv.release(seq.table);
+        }
+    }
+
+    /// Moves waiting requests into the running batch while slots and blocks last.
+    fn admit(&mut self) {
+        if self.cfg.policy == SchedulePolicy::Lpm
+            && self.cfg.prefix_cache
+            && (2..=LPM_QUEUE_LIMIT).contains(&self.waiting.len())
+        {
+            let kv = &self.kv;
+            self.waiting
+                .make_contiguous()
+                .sort_by_cached_key(|r| std::cmp::Reverse(kv.cached_prefix(&r.input_ids)));
+        }
+        let mut i = 0;
+        while self.running.len() < self.cfg.max_running_requests && i < self.waiting.len() {
+            let r = &self.waiting[i];
+            if self.better_after_running_prefill(&r.input_ids) {
+                i += 1;
                 continue;
             }
-            let Some(blocks) = pool.take(needed) else {
-                break;
-            };
-            let r = waiting.pop_front().expect("front exists");
-            stats
-                .prompt_tokens_total
-                .fetch_add(r.input_ids.len() as u64, Ordering::Relaxed);
-            running.push(Sequence {
-                sampler: Sampler::new(r.params.sampling.clone()),
-                request: r,
-                blocks,
-                prefilled: 0,
-                generated: Vec::new(),
-                started: Instant::now(),
-                last_token: None,
-            });
-        }
-        publish(stats, &running, &waiting, &pool);
-        if running.is_empty() {
-            if !waiting.is_empty() {
-                // Blocks are short and nothing runs to free them: cannot happen, since a
-                // request needing more than the whole pool is refused above.
-                std::thread::sleep(Duration::from_millis(1));
+            match self.kv.admit(&r.input_ids, r.params.max_new_tokens) {
+                Admission::Admitted(table) => {
+                    let r = self.waiting.remove(i).expect("index in range");
+                    self.start(r, table);
+                }
+                Admission::Wait => break,
+                Admission::TooLarge { needed } => {
+                    let r = self.waiting.remove(i).expect("index in range");
+                    let _ = r.events.send(Event::failed(
+                        FailureKind::Refused,
+                        format!(
+                            "the prompt ({} tokens) plus max tokens ({}) needs {} KV positions, \
+                             more than the server's {}; ask for fewer tokens or start the \
+                             server with a larger --max-total-tokens",
+                            r.input_ids.len(),
+                            r.params.max_new_tokens,
+                            needed * self.kv.block_size(),
+                            self.kv.total() * self.kv.block_size()
+                        ),
+                    ));
+                }
             }
-            continue;
         }
+    }
 
-        // The step: every decoding sequence's last token, then prompt chunks in budget.
-        let mut budget = cfg.chunked_prefill_size.max(1);
-        let mut plan: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
-        for (i, seq) in running.iter().enumerate() {
+    /// Whether a waiting prompt shares at least [`IN_BATCH_PREFIX_GAIN`] more tokens with a
+    /// prompt still being prefilled than the cache holds for it now: it then waits for that
+    /// prefill to enter the cache instead of computing the same prefix alongside (SGLang's
+    /// in-batch prefix caching).
+    fn better_after_running_prefill(&self, prompt: &[u32]) -> bool {
+        if !self.cfg.prefix_cache {
+            return false;
+        }
+        let cached = self.kv.cached_prefix(prompt);
+        self.running.iter().filter(|s| !s.prompt_done()).any(|s| {
+            let shared = s
+                .request
+                .input_ids
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len().saturating_sub(1));
+            shared >= cached + IN_BATCH_PREFIX_GAIN
+        })
+    }
+
+    fn start(&mut self, r: Request, table: BlockTable) {
+        let count = |a: &AtomicU64, n: usize| a.fetch_add(n as u64, Ordering::Relaxed);
+        count(&self.stats.prompt_tokens_total, r.input_ids.len());
+        count(&self.stats.cached_tokens_total, table.cached_tokens);
+        let _ = r.events.send(Event::Admitted {
+            cached_tokens: table.cached_tokens,
+        });
+        self.running.push(Sequence {
+            sampler: Sampler::new(r.params.sampling.clone()),
+            request: r,
+            prefilled: table.cached_tokens,
+            table,
+            generated: Vec::new(),
+            started: Instant::now(),
+            last_token: None,
+        });
+    }
+
+    /// Every decoding sequence's last token, then prompt chunks within the token budget:
+    /// (index in `running`, range of its prompt, or `0..1` for a decode).
+    fn plan(&self) -> Vec<(usize, Range<usize>)> {
+        let mut budget = self.cfg.chunked_prefill_size.max(1);
+        let mut plan: Vec<(usize, Range<usize>)> = Vec::new();
+        for (i, seq) in self.running.iter().enumerate() {
             if seq.prompt_done() {
                 plan.push((i, 0..1));
             }
         }
-        for (i, seq) in running.iter().enumerate() {
+        for (i, seq) in self.running.iter().enumerate() {
             if !seq.prompt_done() && budget > 0 {
                 let n = (seq.request.input_ids.len() - seq.prefilled).min(budget);
                 budget -= n;
                 plan.push((i, seq.prefilled..seq.prefilled + n));
             }
         }
+        plan
+    }
+
+    /// One forward step over the planned tokens, then a token for every sequence whose
+    /// prompt is done.
+    fn step(&mut self, driver: &mut Driver) -> Result<()> {
+        let plan = self.plan();
         let steps: Vec<SeqStep> = plan
             .iter()
-            .map(|(i, range)| {
-                let seq = &running[*i];
-                if seq.prompt_done() {
-                    SeqStep {
-                        tokens: std::slice::from_ref(seq.generated.last().expect("decoding")),
-                        start_pos: seq.position(),
-                        blocks: &seq.blocks,
-                        logits: Logits::Last,
-                        phase: Phase::Decode,
-                    }
-                } else {
-                    let ends_prompt = range.end == seq.request.input_ids.len();
-                    SeqStep {
-                        tokens: &seq.request.input_ids[range.clone()],
-                        start_pos: range.start,
-                        blocks: &seq.blocks,
-                        logits: if ends_prompt {
-                            Logits::Last
-                        } else {
-                            Logits::None
-                        },
-                        phase: Phase::Prefill,
-                    }
-                }
-            })
+            .map(|(i, range)| self.running[*i].step(range.clone()))
             .collect();
         // Vocab-parallel selection unless a sequence needs the full logits.
         let needed = plan
             .iter()
-            .filter(|(i, range)| {
-                let seq = &running[*i];
-                seq.prompt_done() || range.end == seq.request.input_ids.len()
-            })
-            .try_fold(1, |k, (i, _)| {
-                let seq = &running[*i];
+            .map(|(i, range)| (&self.running[*i], range))
+            .filter(|(seq, range)| seq.prompt_done() || range.end == seq.request.input_ids.len())
+            .try_fold(1, |k, (seq, _)| {
                 let need = match seq.request.params.logprobs {
                     Some(_) => None,
                     None => seq.sampler.candidates_needed(),
@@ -361,19 +468,25 @@ pub fn run(
             None => StepOutput::Logits(driver.forward(&steps)?),
         };
         drop(steps);
+        self.report(plan, out);
+        Ok(())
+    }
 
-        // Sample for every sequence that got logits, and report.
+    /// Chooses and sends each sequence's next token; ends the sequences that are done.
+    fn report(&mut self, plan: Vec<(usize, Range<usize>)>, out: StepOutput) {
         let mut row = 0;
         let mut finished = Vec::new();
         for (i, range) in plan {
-            let seq = &mut running[i];
+            let seq = &mut self.running[i];
             if !seq.prompt_done() {
                 seq.prefilled = range.end;
                 if !seq.prompt_done() {
                     continue;
                 }
+                self.kv
+                    .prompt_filled(&mut seq.table, &seq.request.input_ids);
             }
-            let chosen = catch_unwind(AssertUnwindSafe(|| choose_token(seq, out, row, vocab)));
+            let chosen = catch_unwind(AssertUnwindSafe(|| choose_token(seq, out, row, self.vocab)));
             row += 1;
             let Ok((id, lp)) = chosen else {
                 // A fault of this request alone: it fails, the batch goes on.
@@ -385,30 +498,74 @@ pub fn run(
                 finished.push(i);
                 continue;
             };
-            seq.generated.push(id);
-            stats
-                .generation_tokens_total
-                .fetch_add(1, Ordering::Relaxed);
-            let now = Instant::now();
-            match seq.last_token {
-                None => lock(&stats.time_to_first_token).observe((now - seq.started).as_secs_f64()),
-                Some(t) => lock(&stats.inter_token_latency).observe((now - t).as_secs_f64()),
-            }
-            seq.last_token = Some(now);
-            let sent = seq.request.events.send(Event::Token { id, logprob: lp });
-            let stop = seq.request.params.stop_ids.contains(&id);
-            let length = seq.generated.len() >= seq.request.params.max_new_tokens;
-            if sent.is_err() || stop || length {
-                let _ = seq.request.events.send(Event::Finished { stop });
+            if seq.emit(id, lp, self.stats) {
                 finished.push(i);
             }
         }
         finished.sort_unstable();
         for i in finished.into_iter().rev() {
-            let seq = running.swap_remove(i);
-            pool.give_back(seq.blocks);
+            let seq = self.running.swap_remove(i);
+            self.kv.release(seq.table);
         }
-        publish(stats, &running, &waiting, &pool);
+    }
+
+    /// Makes the batch's current shape visible to the server.
+    fn publish(&self) {
+        let st = self.stats;
+        st.running.store(self.running.len(), Ordering::Relaxed);
+        st.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        st.used_blocks.store(self.kv.used(), Ordering::Relaxed);
+        st.cached_blocks.store(self.kv.cached(), Ordering::Relaxed);
+    }
+}
+
+impl Sequence {
+    /// What this sequence feeds in a step: its last token, or `range` of its prompt.
+    fn step(&self, range: Range<usize>) -> SeqStep<'_> {
+        if self.prompt_done() {
+            return SeqStep {
+                tokens: std::slice::from_ref(self.generated.last().expect("decoding")),
+                start_pos: self.position(),
+                blocks: &self.table.blocks,
+                logits: Logits::Last,
+                phase: Phase::Decode,
+            };
+        }
+        let ends_prompt = range.end == self.request.input_ids.len();
+        SeqStep {
+            start_pos: range.start,
+            tokens: &self.request.input_ids[range],
+            blocks: &self.table.blocks,
+            logits: if ends_prompt {
+                Logits::Last
+            } else {
+                Logits::None
+            },
+            phase: Phase::Prefill,
+        }
+    }
+
+    /// Records and sends a new token; true when the sequence is done (stop token, length,
+    /// or a client that went away).
+    fn emit(&mut self, id: u32, logprob: Option<TokenLogprob>, stats: &Stats) -> bool {
+        self.generated.push(id);
+        stats
+            .generation_tokens_total
+            .fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        match self.last_token {
+            None => lock(&stats.time_to_first_token).observe((now - self.started).as_secs_f64()),
+            Some(t) => lock(&stats.inter_token_latency).observe((now - t).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+        let sent = self.request.events.send(Event::Token { id, logprob });
+        let stop = self.request.params.stop_ids.contains(&id);
+        let length = self.generated.len() >= self.request.params.max_new_tokens;
+        if sent.is_err() || stop || length {
+            let _ = self.request.events.send(Event::Finished { stop });
+            return true;
+        }
+        false
     }
 }
 
@@ -439,15 +596,6 @@ fn choose_token(
 enum StepOutput<'a> {
     Logits(&'a [f32]),
     Top(&'a [(u32, f32)], usize),
-}
-
-/// Makes the batch's current shape visible to the server.
-fn publish(stats: &Stats, running: &[Sequence], waiting: &VecDeque<Request>, pool: &BlockPool) {
-    stats.running.store(running.len(), Ordering::Relaxed);
-    stats.waiting.store(waiting.len(), Ordering::Relaxed);
-    stats
-        .used_blocks
-        .store(pool.total - pool.free.len(), Ordering::Relaxed);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -481,6 +629,16 @@ impl EngineHandle {
             }))
             .map_err(|_| anyhow::anyhow!("the engine has stopped"))?;
         Ok(rx)
+    }
+
+    /// Asks the scheduler to empty the prefix cache.
+    pub async fn flush_cache(&self) -> Result<FlushOutcome> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::FlushCache(tx))
+            .map_err(|_| anyhow::anyhow!("the engine has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the engine stopped before flushing"))
     }
 
     pub fn shutdown(&self) {

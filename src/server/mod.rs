@@ -315,6 +315,8 @@ pub struct Completion {
     /// `stop` (stop token or string) or `length`.
     pub finish_reason: &'static str,
     pub logprobs: Vec<(u32, crate::engine::scheduler::TokenLogprob)>,
+    /// Prompt tokens the prefix cache held.
+    pub cached_tokens: usize,
 }
 
 /// Runs a request to the end and collects its text.
@@ -332,6 +334,7 @@ pub async fn complete(
     let mut out = Completion::default();
     while let Some(event) = events.recv().await {
         match event {
+            Event::Admitted { cached_tokens } => out.cached_tokens = cached_tokens,
             Event::Token { id, logprob } => {
                 out.text.push_str(&text.push(id));
                 out.ids.push(id);

@@ -3,7 +3,7 @@
 
 use super::text::TextStream;
 use super::{complete, new_id, parse_body, ApiError, SamplingRequest, Shared};
-use crate::engine::scheduler::{Event, Histogram};
+use crate::engine::scheduler::{Event, FlushOutcome, Histogram};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -100,11 +100,12 @@ pub async fn generate(
     let params = state.generation_params(ids.len(), &sampling)?;
     let id = new_id("gen");
     let prompt_tokens = ids.len();
-    let meta = move |id: &str, completion: usize, finish: Option<&str>| {
+    let meta = move |id: &str, completion: usize, cached: usize, finish: Option<&str>| {
         json!({
             "id": id,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
+            "cached_tokens": cached,
             "finish_reason": finish.map(|f| json!({"type": f})),
         })
     };
@@ -113,7 +114,7 @@ pub async fn generate(
         let mut body = json!({
             "text": c.text,
             "output_ids": c.ids,
-            "meta_info": meta(&id, c.ids.len(), Some(c.finish_reason)),
+            "meta_info": meta(&id, c.ids.len(), c.cached_tokens, Some(c.finish_reason)),
         });
         if sampling.logprobs.is_some() {
             body["meta_info"]["output_token_logprobs"] = c
@@ -132,9 +133,13 @@ pub async fn generate(
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
     tokio::spawn(async move {
         let mut text = TextStream::new(&state.tokenizer, &stop);
-        let (mut all, mut out_ids) = (String::new(), Vec::new());
+        let (mut all, mut out_ids, mut cached) = (String::new(), Vec::new(), 0);
         while let Some(event) = events.recv().await {
             let finish = match event {
+                Event::Admitted { cached_tokens } => {
+                    cached = cached_tokens;
+                    continue;
+                }
                 Event::Token { id: tok, .. } => {
                     out_ids.push(tok);
                     all.push_str(&text.push(tok));
@@ -149,7 +154,7 @@ pub async fn generate(
                     break;
                 }
             };
-            let body = json!({"text": all, "output_ids": out_ids, "meta_info": meta(&id, out_ids.len(), finish)});
+            let body = json!({"text": all, "output_ids": out_ids, "meta_info": meta(&id, out_ids.len(), cached, finish)});
             if tx.send(body.to_string()).await.is_err() || finish.is_some() {
                 break;
             }
@@ -193,22 +198,49 @@ pub async fn server_info(State(state): State<Shared>) -> Json<Value> {
         s.block_size.load(Ordering::Relaxed),
     );
     let mut info = state.server_args.clone();
+    let cached = s.cached_blocks.load(Ordering::Relaxed);
     info["kv_cache"] = json!({
         "block_size": bs,
         "total_blocks": total,
         "used_blocks": used,
+        "cached_blocks": cached,
         "total_tokens": total * bs,
         "used_tokens": used * bs,
+        "cached_tokens": cached * bs,
+    });
+    let (prompt, hits) = (
+        s.prompt_tokens_total.load(Ordering::Relaxed),
+        s.cached_tokens_total.load(Ordering::Relaxed),
+    );
+    info["prefix_cache"] = json!({
+        "prompt_tokens_total": prompt,
+        "cached_tokens_total": hits,
+        "hit_rate": hit_rate(prompt, hits),
     });
     info["running_requests"] = json!(s.running.load(Ordering::Relaxed));
     info["waiting_requests"] = json!(s.waiting.load(Ordering::Relaxed));
     Json(info)
 }
 
-/// tpserve keeps no prefix cache yet, so there is nothing to flush; this succeeds so that
-/// SGLang tooling that calls it keeps working.
-pub async fn flush_cache() -> &'static str {
-    "Cache flushed (tpserve keeps no prefix cache: KV blocks are freed when requests end).\n"
+/// Empties the prefix cache; refused (400) while requests run or wait, as SGLang does.
+pub async fn flush_cache(State(state): State<Shared>) -> Result<String, ApiError> {
+    let outcome = state
+        .engine
+        .flush_cache()
+        .await
+        .map_err(|e| ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    match outcome {
+        FlushOutcome::Flushed { blocks } => {
+            Ok(format!("Cache flushed ({blocks} KV blocks freed).\n"))
+        }
+        FlushOutcome::NoCache => {
+            Ok("Cache flushed (the prefix cache is off: --disable-radix-cache).\n".into())
+        }
+        FlushOutcome::Busy { running, waiting } => Err(ApiError::bad_request(format!(
+            "the cache is not flushed while requests are in flight ({running} running, \
+             {waiting} waiting); flush when the server is idle"
+        ))),
+    }
 }
 
 pub async fn metrics(State(state): State<Shared>) -> Response {
@@ -239,8 +271,24 @@ pub async fn metrics(State(state): State<Shared>) -> Response {
     metric(
         "prompt_tokens_total",
         "counter",
-        "Prompt tokens prefilled.",
+        "Prompt tokens received (cached ones included).",
         s.prompt_tokens_total.load(Ordering::Relaxed) as f64,
+    );
+    let (prompt, hits) = (
+        s.prompt_tokens_total.load(Ordering::Relaxed),
+        s.cached_tokens_total.load(Ordering::Relaxed),
+    );
+    metric(
+        "cached_tokens_total",
+        "counter",
+        "Prompt tokens found in the prefix cache (not prefilled again).",
+        hits as f64,
+    );
+    metric(
+        "cache_hit_rate",
+        "gauge",
+        "Fraction of prompt tokens found in the prefix cache, since the start.",
+        hit_rate(prompt, hits),
     );
     metric(
         "generation_tokens_total",
@@ -260,7 +308,18 @@ pub async fn metrics(State(state): State<Shared>) -> Response {
         "Requests waiting for admission.",
         load(&s.waiting),
     );
-    metric("kv_used_blocks", "gauge", "KV cache blocks in use.", used);
+    metric(
+        "kv_used_blocks",
+        "gauge",
+        "KV cache blocks in use (by requests or the prefix cache).",
+        used,
+    );
+    metric(
+        "kv_cached_blocks",
+        "gauge",
+        "KV cache blocks the prefix cache holds.",
+        load(&s.cached_blocks),
+    );
     metric("kv_total_blocks", "gauge", "KV cache blocks in all.", total);
     metric(
         "token_usage",
@@ -298,4 +357,13 @@ pub async fn metrics(State(state): State<Shared>) -> Response {
         &lock(&s.inter_token_latency),
     );
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Cached prompt tokens over all prompt tokens (0 before any request).
+fn hit_rate(prompt: u64, cached: u64) -> f64 {
+    if prompt == 0 {
+        0.0
+    } else {
+        cached as f64 / prompt as f64
+    }
 }

@@ -325,6 +325,7 @@ async fn respond(state: Shared, p: Prepared, api: Api, echo: bool) -> Result<Res
     });
     let results: Vec<Completion> = futures_util::future::try_join_all(choices).await?;
     let completion_tokens: usize = results.iter().map(|c| c.ids.len()).sum();
+    let cached_tokens = results.iter().map(|c| c.cached_tokens).max().unwrap_or(0);
     let prompt_text = if echo {
         state
             .tokenizer
@@ -357,13 +358,15 @@ async fn respond(state: Shared, p: Prepared, api: Api, echo: bool) -> Result<Res
         "created": unix_time(),
         "model": state.model_name,
         "choices": choices,
-        "usage": usage(p.input_ids.len(), completion_tokens),
+        "usage": usage(p.input_ids.len(), completion_tokens, cached_tokens),
     }))
     .into_response())
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `cached` prompt tokens came from the prefix cache.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 fn chat_logprobs(state: &Shared, lps: &[(u32, TokenLogprob)]) -> Value {
@@ -455,13 +458,17 @@ fn stream(
                         let e =
                             ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
                         let _ = tx.send(e.body().to_string()).await;
-                        return 0;
+                        return (0, 0);
                     }
                 };
                 let mut text = TextStream::new(&state.tokenizer, &stop);
-                let (mut count, mut first) = (0, true);
+                let (mut count, mut cached, mut first) = (0, 0, true);
                 while let Some(event) = events.recv().await {
                     let (piece, lp, finish) = match event {
+                        Event::Admitted { cached_tokens } => {
+                            cached = cached_tokens;
+                            continue;
+                        }
                         Event::Token { id, logprob } => {
                             count += 1;
                             let piece = text.push(id);
@@ -478,7 +485,7 @@ fn stream(
                         ),
                         Event::Failed(failure) => {
                             let _ = tx.send(ApiError::from(failure).body().to_string()).await;
-                            return count;
+                            return (count, cached);
                         }
                     };
                     if !piece.is_empty() || lp.is_some() || first {
@@ -491,21 +498,24 @@ fn stream(
                         );
                         first = false;
                         if tx.send(body).await.is_err() {
-                            return count; // the client left: dropping `events` cancels
+                            return (count, cached); // the client left: dropping `events` cancels
                         }
                     }
                     if finish.is_some() {
                         let _ = tx.send(chunk(index, None, false, None, finish)).await;
-                        return count;
+                        return (count, cached);
                     }
                 }
-                count
+                (count, cached)
             }));
         }
-        let mut completion_tokens = 0;
+        let (mut completion_tokens, mut cached_tokens) = (0, 0);
         for t in tasks {
             match t.await {
-                Ok(n) => completion_tokens += n,
+                Ok((n, cached)) => {
+                    completion_tokens += n;
+                    cached_tokens = cached_tokens.max(cached);
+                }
                 Err(_) => {
                     let e = ApiError::with_status(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -522,7 +532,7 @@ fn stream(
                 "text_completion"
             };
             let body = json!({"id": id, "object": obj, "created": created, "model": state.model_name,
-                "choices": [], "usage": usage(p.input_ids.len(), completion_tokens)});
+                "choices": [], "usage": usage(p.input_ids.len(), completion_tokens, cached_tokens)});
             let _ = tx.send(body.to_string()).await;
         }
         let _ = tx.send("[DONE]".to_owned()).await;
