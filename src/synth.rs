@@ -18,6 +18,8 @@ use std::path::Path;
 pub enum SynthQuant {
     Q4_0,
     Q8_0,
+    /// Q4_K, with attn_v and ffn_down in Q6_K (as llama.cpp's Q4_K_M mix has them).
+    Q4KM,
     Bf16,
 }
 
@@ -26,16 +28,23 @@ impl SynthQuant {
         Ok(match s.to_ascii_lowercase().as_str() {
             "q4_0" => SynthQuant::Q4_0,
             "q8_0" => SynthQuant::Q8_0,
+            "q4_k_m" => SynthQuant::Q4KM,
             "bf16" => SynthQuant::Bf16,
-            other => bail!("--quant {other} is not one of q4_0, q8_0, bf16"),
+            other => bail!("--quant {other} is not one of q4_0, q8_0, q4_k_m, bf16"),
         })
     }
 
-    /// The GGUF tensor format of the weight matrices.
-    fn tensor_type(self) -> TensorType {
+    /// The GGUF tensor format of the weight matrix `name`.
+    fn tensor_type(self, name: &str) -> TensorType {
         match self {
             SynthQuant::Q4_0 => TensorType::Quant(QuantType::Q4_0),
             SynthQuant::Q8_0 => TensorType::Quant(QuantType::Q8_0),
+            SynthQuant::Q4KM
+                if name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight") =>
+            {
+                TensorType::Quant(QuantType::Q6K)
+            }
+            SynthQuant::Q4KM => TensorType::Quant(QuantType::Q4K),
             SynthQuant::Bf16 => TensorType::BF16,
         }
     }
@@ -45,6 +54,7 @@ impl SynthQuant {
         match self {
             SynthQuant::Q4_0 => 2,
             SynthQuant::Q8_0 => 7,
+            SynthQuant::Q4KM => 15,
             SynthQuant::Bf16 => 32,
         }
     }
@@ -157,14 +167,14 @@ enum Fill {
     Ones,
     /// Biases: small f32 noise.
     SmallF32,
-    /// A weight matrix in the model's format, elements of standard deviation ~0.02.
-    Weights(SynthQuant),
+    /// A weight matrix in this format, elements of standard deviation ~0.02.
+    Weights(TensorType),
 }
 
 /// Every tensor of a llama.cpp model of `cfg`'s shapes, with how to fill it.
 fn tensor_list(cfg: &ModelConfig, quant: SynthQuant) -> Vec<(TensorDecl, Fill)> {
-    let ty = quant.tensor_type();
     let matrix = |name: String, cols: usize, rows: usize| {
+        let ty = quant.tensor_type(&name);
         (
             TensorDecl {
                 name,
@@ -172,7 +182,7 @@ fn tensor_list(cfg: &ModelConfig, quant: SynthQuant) -> Vec<(TensorDecl, Fill)> 
                 ggml_type: ty.ggml_id(),
                 bytes: ty.bytes_for(rows * cols),
             },
-            Fill::Weights(quant),
+            Fill::Weights(ty),
         )
     };
     let vector = |name: String, len: usize, fill: Fill| {
@@ -230,25 +240,32 @@ fn fill(kind: Fill, buf: &mut [u8], seed: u64) {
                 c.copy_from_slice(&noise.random_range(-0.01f32..0.01).to_le_bytes());
             }
         }
-        Fill::Weights(SynthQuant::Bf16) => {
+        Fill::Weights(TensorType::Quant(ty)) => {
+            noise.fill_bytes(buf);
+            for b in buf.chunks_exact_mut(ty.block_bytes()) {
+                let jitter = noise.random_range(0.75f32..1.25);
+                let f16_bytes = |v: f32| f16::from_f32(v * jitter).to_le_bytes();
+                match ty {
+                    // Codes 0..15 (sd 4.6) times 6-bit scales (mean 31.5), less 6-bit mins
+                    // times dmin: around 0.
+                    QuantType::Q4K => {
+                        b[..2].copy_from_slice(&f16_bytes(0.02 / (31.5 * 4.6)));
+                        b[2..4].copy_from_slice(&f16_bytes(7.5 * 0.02 / (31.5 * 4.6)));
+                    }
+                    // Codes −32..31 (sd 18.5) times 8-bit scales (sd 74).
+                    QuantType::Q6K => b[208..].copy_from_slice(&f16_bytes(0.02 / (18.5 * 74.0))),
+                    // Uniform codes have a standard deviation of 4.6 (Q4_0) or 73 (Q8_0) steps.
+                    QuantType::Q4_0 => b[..2].copy_from_slice(&f16_bytes(0.02 / 4.6)),
+                    _ => b[..2].copy_from_slice(&f16_bytes(0.02 / 73.0)),
+                }
+            }
+        }
+        Fill::Weights(_) => {
             // Uniform in ±0.035: standard deviation 0.02.
             for c in buf.chunks_exact_mut(2) {
                 c.copy_from_slice(
                     &bf16::from_f32(noise.random_range(-0.035f32..0.035)).to_le_bytes(),
                 );
-            }
-        }
-        Fill::Weights(q) => {
-            noise.fill_bytes(buf);
-            // Uniform codes have a standard deviation of 4.6 (Q4_0) or 73 (Q8_0) steps.
-            let step = match q {
-                SynthQuant::Q4_0 => 0.02 / 4.6,
-                _ => 0.02 / 73.0,
-            };
-            let block_bytes = q.tensor_type().bytes_for(32);
-            for b in buf.chunks_exact_mut(block_bytes) {
-                let d = step * noise.random_range(0.75f32..1.25);
-                b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
             }
         }
     }

@@ -255,63 +255,15 @@ fn communication_optimisations_keep_every_bit() {
 /// sequences of other lengths, at tp 1 and tp 2.
 #[test]
 fn a_sequence_alone_equals_it_in_a_batch_of_16() {
-    use tpserve::kernels::Phase;
-    use tpserve::model::{Logits, SeqStep};
     let files = loader::open_model(&model_path()).unwrap();
-    let (batch, steps, per_seq) = (16usize, 5usize, 2usize);
-    let prompts: Vec<Vec<u32>> = (0..batch)
+    let prompts: Vec<Vec<u32>> = (0..16)
         .map(|i| (0..5 + i).map(|j| (100 + 31 * i + 7 * j) as u32).collect())
         .collect();
-    let tables: Vec<u32> = (0..(batch * per_seq) as u32).collect();
-    let table = |i: usize| &tables[i * per_seq..(i + 1) * per_seq];
-    let step = |tokens, start_pos, blocks, phase| SeqStep {
-        tokens,
-        start_pos,
-        blocks,
-        logits: Logits::Last,
-        phase,
-    };
-    let feed: Vec<u32> = (0..steps as u32).map(|s| 300 + 11 * s).collect();
-    let watched = 9;
+    let feed: Vec<u32> = (0..5).map(|s| 300 + 11 * s).collect();
     for tp in [1, 2] {
-        let opts = GroupOptions::single_sequence(tp, Some(1), batch * per_seq * 16);
-        let (alone, batched) =
-            engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
-                let vocab = d.config().vocab_size;
-                let p = &prompts[watched];
-                let mut alone = d
-                    .forward(&[step(p, 0, table(watched), Phase::Prefill)])?
-                    .to_vec();
-                for (s, t) in feed.iter().enumerate() {
-                    let one = [step(
-                        std::slice::from_ref(t),
-                        p.len() + s,
-                        table(watched),
-                        Phase::Decode,
-                    )];
-                    alone.extend_from_slice(d.forward(&one)?);
-                }
-                let all: Vec<SeqStep> = (0..batch)
-                    .map(|i| step(&prompts[i], 0, table(i), Phase::Prefill))
-                    .collect();
-                let mut batched = d.forward(&all)?[watched * vocab..(watched + 1) * vocab].to_vec();
-                for (s, t) in feed.iter().enumerate() {
-                    let all: Vec<SeqStep> = (0..batch)
-                        .map(|i| {
-                            let pos = prompts[i].len() + s;
-                            step(std::slice::from_ref(t), pos, table(i), Phase::Decode)
-                        })
-                        .collect();
-                    batched.extend_from_slice(
-                        &d.forward(&all)?[watched * vocab..(watched + 1) * vocab],
-                    );
-                }
-                Ok((alone, batched))
-            })
-            .unwrap();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (alone, batched) = common::alone_and_batched(&files, tp, &prompts, &feed, 9);
         assert!(
-            bits(&alone) == bits(&batched),
+            common::bits(&alone) == common::bits(&batched),
             "tp {tp}: batched logits differ from alone"
         );
     }

@@ -206,3 +206,51 @@ fn synthetic_models_load_and_split_like_real_ones() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A synthetic Q4_K_M model (Q4_K matrices, attn_v and ffn_down in Q6_K, so the fused q/k/v
+/// rows mix formats): it loads, tp 2 and tp 4 give tp 1's logits bit for bit, and a sequence
+/// decoded alone gives the logits it gets among 12 others (the K-quant kernels take one
+/// token or a tile of several, with the same bits).
+#[test]
+fn k_quant_models_load_and_are_exact_across_tp_and_batch() {
+    let dir = tempdir();
+    let mut cfg = ModelConfig::from_hf_dir(&common::fixture("tiny-llama")).unwrap();
+    // K-blocks hold 256 weights: every matrix width, and each rank's first column at tp 4,
+    // a multiple of 256.
+    (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) = (1024, 1024, 128);
+    let path = dir.join("tiny-q4_k_m.gguf");
+    let req = SynthRequest {
+        name: "tiny-llama",
+        cfg,
+        quant: SynthQuant::Q4KM,
+        tokenizer_from: None,
+        seed: 3,
+    };
+    synth(&req, &path, |_, _| {}).unwrap();
+    let files = loader::open_model(&path).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..12)
+        .map(|i| {
+            (0..3 + i)
+                .map(|j| (7 + 13 * i + 5 * j) as u32 % 256)
+                .collect()
+        })
+        .collect();
+    let feed: Vec<u32> = (0..4).map(|s| 40 + 3 * s).collect();
+    let run = |tp| common::alone_and_batched(&files, tp, &prompts, &feed, 5);
+    let bits = common::bits;
+    let (alone, batched) = run(1);
+    assert!(alone.iter().all(|v| v.is_finite()) && alone.iter().any(|&v| v != alone[0]));
+    assert!(
+        bits(&alone) == bits(&batched),
+        "tp 1: batched logits differ from alone"
+    );
+    for tp in [2, 4] {
+        let (a, b) = run(tp);
+        assert!(bits(&a) == bits(&alone), "tp {tp}: logits differ from tp 1");
+        assert!(
+            bits(&b) == bits(&batched),
+            "tp {tp}: batched logits differ from tp 1"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,17 +14,22 @@ pub const FRAC_BITS: i32 = 32;
 /// enough that a SIMD conversion through f64 (exact below 2⁵¹) needs no special cases.
 pub const LIMIT: f64 = (1u64 << 18) as f64;
 
-/// `v` in fixed point: scaled, clamped to ±LIMIT, rounded to nearest (ties to even, as the
-/// SIMD conversion rounds).
+/// 1.5·2⁵²: a value below 2⁵¹ in magnitude added to it rounds to an integer (to nearest,
+/// ties to even), which then sits in the low mantissa bits.
+const MAGIC: f64 = 6755399441055744.0;
+
+/// `v` in fixed point: scaled, clamped to ±LIMIT, rounded to nearest (ties to even), as the
+/// SIMD conversions do it (one add, no library call for the rounding).
 #[inline]
 pub fn to_fixed(v: f32) -> i64 {
     let clamped = (v as f64).clamp(-LIMIT, LIMIT);
-    (clamped * (1u64 << FRAC_BITS) as f64).round_ties_even() as i64
+    let scaled = clamped * (1u64 << FRAC_BITS) as f64;
+    (scaled + MAGIC).to_bits() as i64 - MAGIC.to_bits() as i64
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{FRAC_BITS, LIMIT};
+    use super::{FRAC_BITS, LIMIT, MAGIC};
     use std::arch::x86_64::*;
 
     /// Four f32 to fixed point (scaled, clamped, rounded ties-to-even) as four i64: the
@@ -37,8 +42,7 @@ pub(crate) mod x86 {
             _mm256_set1_pd(LIMIT),
         );
         let scaled = _mm256_mul_pd(d, _mm256_set1_pd((1u64 << FRAC_BITS) as f64));
-        // Adding 1.5·2⁵² puts the rounded integer in the low mantissa bits.
-        let magic = _mm256_set1_pd(6755399441055744.0);
+        let magic = _mm256_set1_pd(MAGIC);
         let bits = _mm256_castpd_si256(_mm256_add_pd(scaled, magic));
         _mm256_sub_epi64(bits, _mm256_castpd_si256(magic))
     }
@@ -52,7 +56,7 @@ pub(crate) mod x86 {
             _mm512_set1_pd(LIMIT),
         );
         let scaled = _mm512_mul_pd(d, _mm512_set1_pd((1u64 << FRAC_BITS) as f64));
-        let magic = _mm512_set1_pd(6755399441055744.0);
+        let magic = _mm512_set1_pd(MAGIC);
         let bits = _mm512_castpd_si512(_mm512_add_pd(scaled, magic));
         _mm512_sub_epi64(bits, _mm512_castpd_si512(magic))
     }
@@ -66,6 +70,45 @@ pub fn from_fixed(v: i64) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The add-and-subtract rounding is round-half-to-even, also on exact ties and at the
+    /// clamps.
+    #[test]
+    fn to_fixed_rounds_ties_to_even() {
+        let reference = |v: f32| {
+            let clamped = (v as f64).clamp(-LIMIT, LIMIT);
+            (clamped * (1u64 << FRAC_BITS) as f64).round_ties_even() as i64
+        };
+        let ulp = 1.0 / (1u64 << FRAC_BITS) as f64;
+        let mut values: Vec<f32> = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5]
+            .iter()
+            .map(|k| (k * ulp) as f32)
+            .collect();
+        values.extend([
+            0.0,
+            -0.0,
+            1e-12,
+            -3.7,
+            1e9,
+            -1e9,
+            f32::MAX,
+            f32::MIN,
+            262143.99,
+        ]);
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = f32::from_bits(x);
+            if v.is_finite() {
+                values.push(v);
+            }
+        }
+        for v in values {
+            assert_eq!(to_fixed(v), reference(v), "{v:e}");
+        }
+    }
 
     #[test]
     fn sums_do_not_depend_on_grouping() {

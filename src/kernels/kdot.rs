@@ -1,17 +1,44 @@
 //! Integer dot products of K-quant blocks (Q4_K, Q6_K: 256 weights) with 8-bit activations.
 //!
-//! A K-block meets the 8 activation blocks of 32 that cover it; the kernel returns the
-//! contribution of each 32-weight group, so callers can sum a whole row (f32) or segments of
-//! it (fixed point, see [`super::fixed`]). Scalar twins; AVX2 and AVX-512 VNNI versions.
+//! A K-block meets the 8 activation blocks of 32 that cover it, for one token or several;
+//! the kernel returns the contribution of each 32-weight group, so callers can sum a whole
+//! row (f32) or segments of it (fixed point, see [`super::fixed`]). The SIMD kernels unpack
+//! the block and its scales once for all the tokens, add each group's products in one
+//! transposing sum, and apply the scales to eight groups at once, in the scalar twins'
+//! order: every token's values have the twins' bits, alone or with others.
+//! Scalar twins; AVX2 and AVX-512 VNNI versions.
 
 use super::qdot::{BlockQ8, Isa};
 use super::quant::{f16_at, q4_k_scale_min, QuantType};
 
-/// One K-block's bytes and its 8 activation blocks → the 8 groups' contributions.
-pub type KDotFn = fn(&[u8], &[BlockQ8], &mut [f32; 8]);
+/// One K-block's bytes and, for each of `tokens` tokens, its 8 activation blocks (token
+/// `t`'s at `x[t·per_token..]`) → the 8 groups' contributions (token `t`'s at
+/// `out[t·stride..][..8]`).
+pub type KDotFn = fn(
+    block: &[u8],
+    x: &[BlockQ8],
+    per_token: usize,
+    tokens: usize,
+    out: &mut [f32],
+    stride: usize,
+);
 
 pub mod scalar {
     use super::{f16_at, q4_k_scale_min, BlockQ8};
+
+    /// A one-token twin over several tokens, one after another.
+    pub fn tokens(
+        one: fn(&[u8], &[BlockQ8], &mut [f32; 8]),
+        (b, x, per_token, tokens): (&[u8], &[BlockQ8], usize, usize),
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        for t in 0..tokens {
+            let mut terms = [0.0; 8];
+            one(b, &x[t * per_token..t * per_token + 8], &mut terms);
+            out[t * stride..t * stride + 8].copy_from_slice(&terms);
+        }
+    }
 
     /// Group g = 2c (low nibbles of qs[32c..32c+32]) or 2c + 1 (high nibbles):
     /// d·sc·d_x·Σ q·x_q − dmin·m·s_x.
@@ -53,79 +80,161 @@ pub mod scalar {
 /// The group kernel for `ty` on `isa`; `None` for formats that are not K-quants.
 pub fn kdot_fn(ty: QuantType, isa: Isa) -> Option<KDotFn> {
     Some(match (ty, isa) {
-        (QuantType::Q4K, Isa::Scalar) => scalar::q4_k,
-        (QuantType::Q6K, Isa::Scalar) => scalar::q6_k,
+        (QuantType::Q4K, Isa::Scalar) => {
+            |b, x, p, t, o, s| scalar::tokens(scalar::q4_k, (b, x, p, t), o, s)
+        }
+        (QuantType::Q6K, Isa::Scalar) => {
+            |b, x, p, t, o, s| scalar::tokens(scalar::q6_k, (b, x, p, t), o, s)
+        }
         #[cfg(target_arch = "x86_64")]
-        (QuantType::Q4K, Isa::Avx2) => |b, x, o| unsafe { x86::q4_k_avx2(b, x, o) },
+        (QuantType::Q4K, Isa::Avx2) => {
+            |b, x, p, t, o, s| unsafe { x86::q4_k_avx2(b, x, p, t, o, s) }
+        }
         #[cfg(target_arch = "x86_64")]
-        (QuantType::Q6K, Isa::Avx2) => |b, x, o| unsafe { x86::q6_k_avx2(b, x, o) },
+        (QuantType::Q6K, Isa::Avx2) => {
+            |b, x, p, t, o, s| unsafe { x86::q6_k_avx2(b, x, p, t, o, s) }
+        }
         #[cfg(target_arch = "x86_64")]
-        (QuantType::Q4K, Isa::Avx512Vnni) => |b, x, o| unsafe { x86::q4_k_vnni(b, x, o) },
+        (QuantType::Q4K, Isa::Avx512Vnni) => {
+            |b, x, p, t, o, s| unsafe { x86::q4_k_vnni(b, x, p, t, o, s) }
+        }
         #[cfg(target_arch = "x86_64")]
-        (QuantType::Q6K, Isa::Avx512Vnni) => |b, x, o| unsafe { x86::q6_k_vnni(b, x, o) },
+        (QuantType::Q6K, Isa::Avx512Vnni) => {
+            |b, x, p, t, o, s| unsafe { x86::q6_k_vnni(b, x, p, t, o, s) }
+        }
         _ => return None,
     })
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{f16_at, q4_k_scale_min, BlockQ8};
+    use super::{q4_k_scale_min, BlockQ8};
     use crate::kernels::qdot::x86::{dot_u8_i8_avx2, dot_u8_i8_vnni};
     use std::arch::x86_64::*;
 
-    /// Sums of i32 lanes 0..4 and 4..8 (weights 0..16 and 16..32 of a group).
+    /// Four groups' 8-lane sums → `[first halves of groups 0..4 | second halves]` (lanes
+    /// 0..4 of a group hold its weights 0..16, lanes 4..8 its weights 16..32).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn halves(v: __m256i) -> (i32, i32) {
-        let sum4 = |h: __m128i| {
-            let s = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
-            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
-        };
-        (
-            sum4(_mm256_castsi256_si128(v)),
-            sum4(_mm256_extracti128_si256(v, 1)),
+    unsafe fn halves4(a: &[__m256i]) -> __m256i {
+        let s01 = _mm256_hadd_epi32(a[0], a[1]);
+        let s23 = _mm256_hadd_epi32(a[2], a[3]);
+        _mm256_hadd_epi32(s01, s23)
+    }
+
+    /// Eight groups' 8-lane sums → one vector of the eight groups' sums.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sums8(a: &[__m256i; 8]) -> __m256i {
+        let (lo4, hi4) = (halves4(&a[..4]), halves4(&a[4..]));
+        let lo = _mm256_permute2x128_si256(lo4, hi4, 0x20);
+        let hi = _mm256_permute2x128_si256(lo4, hi4, 0x31);
+        _mm256_add_epi32(lo, hi)
+    }
+
+    /// A field of the eight activation blocks of a token, as one vector.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn gather8(x: &[BlockQ8], field: fn(&BlockQ8) -> f32) -> __m256 {
+        _mm256_setr_ps(
+            field(&x[0]),
+            field(&x[1]),
+            field(&x[2]),
+            field(&x[3]),
+            field(&x[4]),
+            field(&x[5]),
+            field(&x[6]),
+            field(&x[7]),
         )
+    }
+
+    /// The f16 at byte `at`, widened by the CPU (F16C): the value `f16_at` gives.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_of(b: &[u8], at: usize) -> f32 {
+        let bits = _mm_cvtsi32_si128(u16::from_le_bytes([b[at], b[at + 1]]) as i32);
+        _mm_cvtss_f32(_mm_cvtph_ps(bits))
+    }
+
+    /// Checks the bounds every kernel relies on.
+    fn check(
+        b: &[u8],
+        bytes: usize,
+        x: &[BlockQ8],
+        (per_token, tokens): (usize, usize),
+        out: &[f32],
+        stride: usize,
+    ) {
+        assert!(b.len() >= bytes && tokens >= 1);
+        assert!(x.len() >= (tokens - 1) * per_token + 8 && out.len() >= (tokens - 1) * stride + 8);
     }
 
     macro_rules! kernels {
         ($q4k:ident, $q6k:ident, $features:literal, $dot:ident) => {
             /// # Safety
-            /// The CPU must support the enabled features; `b` is one Q4_K block and `x` 8
-            /// activation blocks.
+            /// The CPU must support the enabled features (bounds are checked).
             #[target_feature(enable = $features)]
-            pub unsafe fn $q4k(b: &[u8], x: &[BlockQ8], out: &mut [f32; 8]) {
-                assert!(b.len() >= 144 && x.len() >= 8);
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            pub unsafe fn $q4k(
+                b: &[u8],
+                x: &[BlockQ8],
+                per_token: usize,
+                tokens: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                check(b, 144, x, (per_token, tokens), out, stride);
+                let (d, dmin) = (f16_of(b, 0), f16_of(b, 2));
+                let (mut sc, mut m) = ([0.0f32; 8], [0.0f32; 8]);
+                for g in 0..8 {
+                    (sc[g], m[g]) = q4_k_scale_min(g, &b[4..16]);
+                }
+                let dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(sc.as_ptr()));
+                let dm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_loadu_ps(m.as_ptr()));
                 let mask = _mm256_set1_epi8(0x0f);
+                let mut w = [_mm256_setzero_si256(); 8];
                 for c in 0..4 {
                     let raw = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
-                    let nibbles = [
-                        _mm256_and_si256(raw, mask),
-                        _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask),
-                    ];
-                    for (half, w) in nibbles.into_iter().enumerate() {
-                        let g = 2 * c + half;
-                        let xq = _mm256_loadu_si256(x[g].qs.as_ptr() as *const __m256i);
-                        let (lo, hi) = halves($dot(w, xq));
-                        let (sc, m) = q4_k_scale_min(g, &b[4..16]);
-                        out[g] = d * sc * x[g].d * (lo + hi) as f32 - dmin * m * x[g].s;
-                    }
+                    w[2 * c] = _mm256_and_si256(raw, mask);
+                    w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                }
+                for t in 0..tokens {
+                    let xt = &x[t * per_token..t * per_token + 8];
+                    let sums: [__m256i; 8] = std::array::from_fn(|g| {
+                        $dot(
+                            w[g],
+                            _mm256_loadu_si256(xt[g].qs.as_ptr() as *const __m256i),
+                        )
+                    });
+                    let sum = _mm256_cvtepi32_ps(sums8(&sums));
+                    // ((d·sc)·d_x)·Σ − (dmin·m)·s_x, as the twin multiplies.
+                    let scaled = _mm256_mul_ps(_mm256_mul_ps(dsc, gather8(xt, |b| b.d)), sum);
+                    let mins = _mm256_mul_ps(dm, gather8(xt, |b| b.s));
+                    _mm256_storeu_ps(
+                        out.as_mut_ptr().add(t * stride),
+                        _mm256_sub_ps(scaled, mins),
+                    );
                 }
             }
 
             /// # Safety
-            /// The CPU must support the enabled features; `b` is one Q6_K block and `x` 8
-            /// activation blocks.
+            /// The CPU must support the enabled features (bounds are checked).
             #[target_feature(enable = $features)]
-            pub unsafe fn $q6k(b: &[u8], x: &[BlockQ8], out: &mut [f32; 8]) {
-                assert!(b.len() >= 210 && x.len() >= 8);
-                let d = f16_at(b, 208);
+            pub unsafe fn $q6k(
+                b: &[u8],
+                x: &[BlockQ8],
+                per_token: usize,
+                tokens: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                check(b, 210, x, (per_token, tokens), out, stride);
+                let d = _mm256_set1_ps(f16_of(b, 208));
                 let (mask4, mask2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
                 let ones = _mm256_set1_epi8(1);
+                // Codes q in 0..64 (unsigned) of the eight groups; Σ (q − 32)·x = Σ q·x − 32 Σ x.
+                let mut w = [_mm256_setzero_si256(); 8];
+                // Per four groups: their first halves' scales, then their second halves'.
+                let mut scales = [_mm256_setzero_ps(); 2];
                 for h in 0..2 {
                     let ql0 = _mm256_loadu_si256(b.as_ptr().add(h * 64) as *const __m256i);
                     let ql1 = _mm256_loadu_si256(b.as_ptr().add(h * 64 + 32) as *const __m256i);
                     let qh = _mm256_loadu_si256(b.as_ptr().add(128 + h * 32) as *const __m256i);
-                    let sc = &b[192 + h * 8..192 + h * 8 + 8];
                     let lows = [
                         _mm256_and_si256(ql0, mask4),
                         _mm256_and_si256(ql1, mask4),
@@ -138,16 +247,37 @@ mod x86 {
                         _mm256_and_si256(_mm256_srli_epi16(qh, 4), mask2),
                         _mm256_and_si256(_mm256_srli_epi16(qh, 6), mask2),
                     ];
-                    for k in 0..4 {
-                        let g = 4 * h + k;
-                        // q in 0..64 (unsigned); Σ (q − 32)·x = Σ q·x − 32 Σ x.
-                        let q = _mm256_or_si256(lows[k], _mm256_slli_epi16(highs[k], 4));
-                        let xq = _mm256_loadu_si256(x[g].qs.as_ptr() as *const __m256i);
-                        let (qa, qb) = halves($dot(q, xq));
-                        let (xa, xb) = halves($dot(ones, xq));
-                        let (sa, sb) = (sc[2 * k] as i8 as f32, sc[2 * k + 1] as i8 as f32);
-                        let (a, b2) = ((qa - 32 * xa) as f32, (qb - 32 * xb) as f32);
-                        out[g] = d * x[g].d * (sa * a + sb * b2);
+                    for (k, (low, high)) in lows.into_iter().zip(highs).enumerate() {
+                        w[4 * h + k] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                    }
+                    let sc = |i: usize| b[192 + h * 8 + i] as i8 as f32;
+                    scales[h] =
+                        _mm256_setr_ps(sc(0), sc(2), sc(4), sc(6), sc(1), sc(3), sc(5), sc(7));
+                }
+                for t in 0..tokens {
+                    let xt = &x[t * per_token..t * per_token + 8];
+                    let xq: [__m256i; 8] = std::array::from_fn(|g| {
+                        _mm256_loadu_si256(xt[g].qs.as_ptr() as *const __m256i)
+                    });
+                    let dx = _mm256_mul_ps(d, gather8(xt, |b| b.d));
+                    for (h, scale) in scales.iter().enumerate() {
+                        let qx: [__m256i; 4] =
+                            std::array::from_fn(|k| $dot(w[4 * h + k], xq[4 * h + k]));
+                        let sx: [__m256i; 4] = std::array::from_fn(|k| $dot(ones, xq[4 * h + k]));
+                        let v = _mm256_sub_epi32(halves4(&qx), _mm256_slli_epi32(halves4(&sx), 5));
+                        // sa·a + sb·b per group, then (d·d_x) times it, as the twin does.
+                        let p = _mm256_mul_ps(*scale, _mm256_cvtepi32_ps(v));
+                        let sum =
+                            _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps(p, 1));
+                        let dxh = if h == 0 {
+                            _mm256_castps256_ps128(dx)
+                        } else {
+                            _mm256_extractf128_ps(dx, 1)
+                        };
+                        _mm_storeu_ps(
+                            out.as_mut_ptr().add(t * stride + 4 * h),
+                            _mm_mul_ps(dxh, sum),
+                        );
                     }
                 }
             }
@@ -185,45 +315,45 @@ mod tests {
         b
     }
 
+    /// Every kernel gives the twin's bits for 1–17 tokens with gaps between them (a tile's
+    /// tokens, `per_token` blocks apart) and an output stride; the twin agrees with the
+    /// dequantized weights times the quantized activations.
     #[test]
     fn kernels_equal_twins_and_the_dequantized_dot() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
         for ty in [QuantType::Q4K, QuantType::Q6K] {
-            for _ in 0..20 {
+            for tokens in 1..=17 {
+                let (per_token, stride) = (11, 13);
                 let block = random_block(ty, &mut rng);
-                let x: Vec<f32> = (0..256).map(|_| rng.random_range(-2.0..2.0)).collect();
-                let mut xq = [BlockQ8::default(); 8];
+                let x: Vec<f32> = (0..tokens * per_token * 32)
+                    .map(|_| rng.random_range(-2.0..2.0))
+                    .collect();
+                let mut xq = vec![BlockQ8::default(); tokens * per_token];
                 quantize_q8(&x, &mut xq);
-                let mut twin = [0.0; 8];
-                kdot_fn(ty, Isa::Scalar).unwrap()(&block, &xq, &mut twin);
+                let mut twin = vec![0.0; tokens * stride];
+                kdot_fn(ty, Isa::Scalar).unwrap()(
+                    &block, &xq, per_token, tokens, &mut twin, stride,
+                );
                 for isa in Isa::available() {
-                    let mut got = [0.0; 8];
-                    kdot_fn(ty, isa).unwrap()(&block, &xq, &mut got);
-                    for g in 0..8 {
-                        let tol = 1e-4 * (1.0 + twin[g].abs());
-                        assert!(
-                            (got[g] - twin[g]).abs() <= tol,
-                            "{ty:?} {isa:?} group {g}: {} vs {}",
-                            got[g],
-                            twin[g]
-                        );
-                    }
+                    let mut got = vec![0.0; tokens * stride];
+                    kdot_fn(ty, isa).unwrap()(&block, &xq, per_token, tokens, &mut got, stride);
+                    assert_eq!(got, twin, "{ty:?} {isa:?} {tokens} tokens");
                 }
                 // Against the dequantized weights times the quantized activations.
                 let mut w = vec![0.0; 256];
                 ty.dequantize(&block, &mut w);
-                for g in 0..8 {
-                    let exact: f32 = (0..32)
-                        .map(|l| w[32 * g + l] * xq[g].d * xq[g].qs[l] as f32)
-                        .sum();
-                    let norm: f32 = (0..32)
-                        .map(|l| (w[32 * g + l] * xq[g].d * xq[g].qs[l] as f32).abs())
-                        .sum();
-                    assert!(
-                        (twin[g] - exact).abs() <= 1e-4 * (1.0 + norm),
-                        "{ty:?} group {g}: {} vs {exact}",
-                        twin[g]
-                    );
+                for t in 0..tokens {
+                    for g in 0..8 {
+                        let xb = &xq[t * per_token + g];
+                        let terms = (0..32).map(|l| w[32 * g + l] * xb.d * xb.qs[l] as f32);
+                        let exact: f32 = terms.clone().sum();
+                        let norm: f32 = terms.map(f32::abs).sum();
+                        let v = twin[t * stride + g];
+                        assert!(
+                            (v - exact).abs() <= 1e-4 * (1.0 + norm),
+                            "{ty:?} token {t} group {g}: {v} vs {exact}"
+                        );
+                    }
                 }
             }
         }

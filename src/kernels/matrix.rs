@@ -72,6 +72,15 @@ impl Storage {
         }
     }
 
+    /// Whether `other` is stored as `self` is (so the two can be fused).
+    pub fn same_format(&self, other: &Storage) -> bool {
+        match (self, other) {
+            (Storage::Quant(t, _), Storage::Quant(u, _)) => t == u,
+            (Storage::Packed(a), Storage::Packed(b)) => a.ty == b.ty,
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+
     /// `self` followed by `other` (fusing weights row-wise); both must have one format.
     pub fn concat(self, other: Storage) -> anyhow::Result<Storage> {
         Ok(match (self, other) {
@@ -173,6 +182,7 @@ impl Matrix {
     /// `y` (`tokens × rows`). Each weight row is read once for all tokens.
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32], threads: &Threads, phase: Phase) {
         assert!(x.len() >= tokens * self.cols && y.len() >= tokens * self.rows);
+        // Prompts of K-quant and float rows take the f32 panels (faster there, measured).
         let grouped = matches!(self.storage, Storage::Packed(_));
         if phase == Phase::Prefill && !grouped {
             return self.matmul_panels(x, tokens, y, threads);
@@ -483,8 +493,8 @@ impl Matrix {
     }
 
     /// Decode of K-quant rows: the tokens are quantized to 8-bit blocks once; every K-block
-    /// meets them in integer dot products, and `f(row, token, terms)` receives the
-    /// contribution of each 32-weight group of the row.
+    /// meets up to [`TOKEN_CHUNK`] tokens at once in integer dot products, and
+    /// `f(row, token, terms)` receives the contribution of each 32-weight group of the row.
     #[allow(clippy::too_many_arguments)]
     fn for_kquant_rows(
         &self,
@@ -504,20 +514,25 @@ impl Matrix {
         with_quantized_tokens(x, tokens, self.cols, |xq, per_token| {
             threads.for_each_range_in(rows, |range| {
                 TERMS.with_borrow_mut(|terms| {
-                    terms.resize(groups, 0.0);
-                    for j in range {
-                        let row = &w[j * row_bytes..(j + 1) * row_bytes];
-                        for t in 0..tokens {
-                            let xb = &xq[t * per_token..(t + 1) * per_token];
-                            let blocks = row.chunks_exact(ty.block_bytes());
-                            for (k, (block, out)) in
-                                blocks.zip(terms.chunks_exact_mut(8)).enumerate()
-                            {
-                                let out: &mut [f32; 8] =
-                                    out.try_into().expect("8 groups per K-block");
-                                kdot(block, &xb[8 * k..8 * k + 8], out);
+                    terms.resize(TOKEN_CHUNK * groups, 0.0);
+                    for t0 in (0..tokens).step_by(TOKEN_CHUNK) {
+                        let n = (tokens - t0).min(TOKEN_CHUNK);
+                        let xt = &xq[t0 * per_token..(t0 + n) * per_token];
+                        for j in range.clone() {
+                            let row = &w[j * row_bytes..(j + 1) * row_bytes];
+                            for (k, block) in row.chunks_exact(ty.block_bytes()).enumerate() {
+                                kdot(
+                                    block,
+                                    &xt[8 * k..],
+                                    per_token,
+                                    n,
+                                    &mut terms[8 * k..],
+                                    groups,
+                                );
                             }
-                            f(j, t, terms);
+                            for (t, terms) in terms.chunks_exact(groups).take(n).enumerate() {
+                                f(j, t0 + t, terms);
+                            }
                         }
                     }
                 })

@@ -19,9 +19,13 @@ pub struct ColumnPart<'a> {
 
 /// `y = x · Wᵀ (+ b)` with W split by output rows: each rank computes its own slice of the
 /// outputs and no communication follows. Several source linears may be fused row-wise
-/// (q, k, v or gate, up) so that one pass over the input feeds them all.
+/// (q, k, v or gate, up) so that one pass over the input feeds them all; parts stored in
+/// different formats (a Q4_K_M file keeps attn_v in Q6_K beside Q4_K q and k) stay apart,
+/// each fused run of one format a matrix of its own.
 pub struct ColumnParallelLinear {
-    weight: Matrix,
+    /// Consecutive output rows, in order.
+    weights: Vec<Matrix>,
+    rows: usize,
     bias: Option<Vec<f32>>,
 }
 
@@ -32,8 +36,8 @@ impl ColumnParallelLinear {
         in_features: usize,
         bias: bool,
     ) -> Result<Self> {
-        let mut storage: Option<Storage> = None;
-        let mut rows = 0;
+        // Runs of parts in one format: (rows, storage).
+        let mut runs: Vec<(usize, Storage)> = Vec::new();
         let mut biases = bias.then(Vec::new);
         for part in parts {
             let name = format!("{}.weight", part.prefix);
@@ -43,40 +47,52 @@ impl ColumnParallelLinear {
                 part.rows.clone(),
                 0..in_features,
             )?;
-            rows += m.rows;
-            storage = Some(match storage {
-                None => m.storage,
-                Some(s) => s.concat(m.storage)?,
-            });
+            match runs.last_mut() {
+                Some((rows, s)) if s.same_format(&m.storage) => {
+                    *rows += m.rows;
+                    let previous = std::mem::replace(s, Storage::F32(Vec::new()));
+                    *s = previous.concat(m.storage)?;
+                }
+                _ => runs.push((m.rows, m.storage)),
+            }
             if let Some(b) = biases.as_mut() {
                 let name = format!("{}.bias", part.prefix);
                 b.extend(src.load_vector(&name, part.out_features, part.rows.clone())?);
             }
         }
-        let Some(storage) = storage else {
+        if runs.is_empty() {
             bail!("a column-parallel linear needs at least one part");
-        };
+        }
+        let weights: Vec<Matrix> = runs
+            .into_iter()
+            .map(|(rows, storage)| Matrix::new(rows, in_features, storage))
+            .collect();
         Ok(ColumnParallelLinear {
-            weight: Matrix::new(rows, in_features, storage),
+            rows: weights.iter().map(|m| m.rows).sum(),
+            weights,
             bias: biases,
         })
     }
 
     /// This rank's number of outputs.
     pub fn out_features(&self) -> usize {
-        self.weight.rows
+        self.rows
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.weight.bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+        let weights: usize = self.weights.iter().map(Matrix::bytes).sum();
+        weights + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 
     pub fn forward(&self, x: &[f32], runs: &[Run], y: &mut [f32], threads: &Threads) {
-        let (cols, rows) = (self.weight.cols, self.weight.rows);
+        let (cols, rows) = (self.weights[0].cols, self.rows);
         for run in runs {
             let (start, n) = (run.tokens.start, run.tokens.len());
             let (x, y) = (&x[start * cols..], &mut y[start * rows..]);
-            self.weight.matmul(x, n, y, threads, run.phase);
+            match &self.weights[..] {
+                [one] => one.matmul(x, n, y, threads, run.phase),
+                several => matmul_apart(several, x, n, y, threads, run.phase),
+            }
         }
         let tokens = runs.last().map_or(0, |r| r.tokens.end);
         if let Some(bias) = &self.bias {
@@ -85,6 +101,35 @@ impl ColumnParallelLinear {
             }
         }
     }
+}
+
+/// Products of matrices that stand for consecutive output rows, each into a scratch buffer
+/// (grown once per thread, then reused), then into its columns of every token's output.
+fn matmul_apart(
+    weights: &[Matrix],
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    threads: &Threads,
+    phase: crate::kernels::Phase,
+) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let rows: usize = weights.iter().map(|m| m.rows).sum();
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut first = 0;
+        for m in weights {
+            if scratch.len() < n * m.rows {
+                scratch.resize(n * m.rows, 0.0);
+            }
+            m.matmul(x, n, scratch, threads, phase);
+            for (t, part) in scratch.chunks_exact(m.rows).take(n).enumerate() {
+                y[t * rows + first..t * rows + first + m.rows].copy_from_slice(part);
+            }
+            first += m.rows;
+        }
+    });
 }
 
 /// `y = x · Wᵀ` with W split by input columns: each rank holds the inputs it produced

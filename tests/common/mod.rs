@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod server;
+
 use serde::Deserialize;
 use std::path::PathBuf;
 use tpserve::engine::{self, Driver, GroupOptions};
@@ -118,4 +120,69 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Logits of sequence `watched` prefilled and then fed `feed` token by token, alone and
+/// in a batch with every other prompt of `prompts` (each sequence two blocks of 16), on a
+/// `tp`-rank in-process group: `(alone, batched)`, prefill logits first.
+pub fn alone_and_batched(
+    files: &loader::ModelFiles,
+    tp: usize,
+    prompts: &[Vec<u32>],
+    feed: &[u32],
+    watched: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    use tpserve::kernels::Phase;
+    use tpserve::model::{Logits, SeqStep};
+    let (batch, per_seq) = (prompts.len(), 2usize);
+    let tables: Vec<u32> = (0..(batch * per_seq) as u32).collect();
+    let table = |i: usize| &tables[i * per_seq..(i + 1) * per_seq];
+    let step = |tokens, start_pos, blocks, phase| SeqStep {
+        tokens,
+        start_pos,
+        blocks,
+        logits: Logits::Last,
+        phase,
+    };
+    let opts = GroupOptions::single_sequence(tp, Some(1), batch * per_seq * 16);
+    engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
+        let vocab = d.config().vocab_size;
+        let p = &prompts[watched];
+        let mut alone = d
+            .forward(&[step(p, 0, table(watched), Phase::Prefill)])?
+            .to_vec();
+        for (s, t) in feed.iter().enumerate() {
+            let one = [step(
+                std::slice::from_ref(t),
+                p.len() + s,
+                table(watched),
+                Phase::Decode,
+            )];
+            alone.extend_from_slice(d.forward(&one)?);
+        }
+        let all: Vec<SeqStep> = (0..batch)
+            .map(|i| step(&prompts[i], 0, table(i), Phase::Prefill))
+            .collect();
+        let mut batched = d.forward(&all)?[watched * vocab..(watched + 1) * vocab].to_vec();
+        for (s, t) in feed.iter().enumerate() {
+            let all: Vec<SeqStep> = (0..batch)
+                .map(|i| {
+                    step(
+                        std::slice::from_ref(t),
+                        prompts[i].len() + s,
+                        table(i),
+                        Phase::Decode,
+                    )
+                })
+                .collect();
+            batched.extend_from_slice(&d.forward(&all)?[watched * vocab..(watched + 1) * vocab]);
+        }
+        Ok((alone, batched))
+    })
+    .unwrap()
+}
+
+/// Each value's bits, to compare logits exactly.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
