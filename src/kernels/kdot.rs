@@ -79,6 +79,9 @@ pub mod scalar {
 
 /// The group kernel for `ty` on `isa`; `None` for formats that are not K-quants.
 pub fn kdot_fn(ty: QuantType, isa: Isa) -> Option<KDotFn> {
+    // Never more than the CPU runs: the safe pointers below call SIMD code (SAFETY of each
+    // `unsafe` call: `isa` is at most what the CPU supports).
+    let isa = isa.min(Isa::best());
     Some(match (ty, isa) {
         (QuantType::Q4K, Isa::Scalar) => {
             |b, x, p, t, o, s| scalar::tokens(scalar::q4_k, (b, x, p, t), o, s)

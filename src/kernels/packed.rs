@@ -250,6 +250,8 @@ fn code_at(ty: QuantType, q: &[u8], r: usize, i: usize) -> u8 {
 
 /// The grouped kernels of `ty` on `isa`.
 pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
+    // Never more than the CPU runs: the safe pointers below call SIMD code.
+    let isa = isa.min(Isa::best());
     macro_rules! twin {
         ($ty:expr) => {
             (
@@ -260,6 +262,7 @@ pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
     }
     #[cfg(target_arch = "x86_64")]
     macro_rules! simd {
+        // SAFETY: `isa` is at most what the CPU supports (capped above).
         ($f32:ident, $fixed:ident, $fmt:expr) => {
             (
                 |g, x, out| unsafe { x86::$f32::<$fmt>(g, x, out) },
