@@ -439,32 +439,34 @@ async fn check_disconnect_frees_blocks(b: &str) {
     }
 }
 
+async fn post_with_key(url: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(url).json(body);
+    if let Some(k) = key {
+        request = request.bearer_auth(k);
+    }
+    let r = request.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn api_key_is_required_when_set() {
     let s = start(&["--api-key", "sekret", "--max-total-tokens", "256"]).await;
-    let client = reqwest::Client::new();
     let body = json!({"prompt": "hi", "max_tokens": 1});
     let url = format!("{}/v1/completions", s.base);
-    let r = client.post(&url).json(&body).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 401);
-    let r = client
-        .post(&url)
-        .bearer_auth("wrong")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 401);
-    let v: Value = r.json().await.unwrap();
+    assert_eq!(post_with_key(&url, None, &body).await.0, 401);
+    let (status, v) = post_with_key(&url, Some("wrong"), &body).await;
+    assert_eq!(status, 401);
     assert_eq!(v["error"]["type"], "authentication_error");
-    let r = client
-        .post(&url)
-        .bearer_auth("sekret")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(post_with_key(&url, Some("sekret"), &body).await.0, 200);
+
+    // One request that needs more KV positions than the whole cache (256): refused with the
+    // flag to change, and the server goes on.
+    let huge = json!({"prompt": "hi", "max_tokens": 1000});
+    let (status, v) = post_with_key(&url, Some("sekret"), &huge).await;
+    assert_eq!(status, 400);
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--max-total-tokens"), "{message}");
+    assert_eq!(post_with_key(&url, Some("sekret"), &body).await.0, 200);
 }
 
 /// SIGINT: stop accepting, finish the request in flight, exit 0.
@@ -496,6 +498,40 @@ async fn sigint_finishes_in_flight_work_and_exits_cleanly() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A chat template that raises (as Hugging Face templates do on turns they refuse) fails
+/// that request with a 400 carrying the template's message; the server goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raising_chat_template_fails_only_its_request() {
+    let dir = std::env::temp_dir().join(format!("tpserve-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let template = dir.join("raise.jinja");
+    std::fs::write(
+        &template,
+        "{% if messages|length > 1 %}{{ raise_exception('one turn only, please') }}{% endif %}\
+         {% for m in messages %}{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    let s = start(&["--tp", "1", "--chat-template", template.to_str().unwrap()]).await;
+    let turn = |c: &str| json!({"role": "user", "content": c});
+    let (status, v) = post(
+        &s.base,
+        "/v1/chat/completions",
+        json!({"messages": [turn("a"), turn("b")], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("one turn only, please"), "{message}");
+    let (status, v) = post(
+        &s.base,
+        "/v1/chat/completions",
+        json!({"messages": [turn("hello")], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -254,3 +254,34 @@ fn k_quant_models_load_and_are_exact_across_tp_and_batch() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A panic on rank 0 between steps (a fault injected into the driving code) ends the whole
+/// group promptly with the panic's message, instead of leaving rank 1 waiting for a plan.
+#[test]
+fn a_rank_that_panics_mid_run_ends_the_group_with_its_message() {
+    use tpserve::kernels::Phase;
+    use tpserve::model::{Logits, SeqStep};
+    let files = loader::open_model(&common::fixture("tiny-llama")).unwrap();
+    let start = std::time::Instant::now();
+    let opts = GroupOptions::single_sequence(2, Some(1), 16);
+    let result = engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
+        let blocks = [0u32];
+        let step = SeqStep {
+            tokens: &[1, 2, 3],
+            start_pos: 0,
+            blocks: &blocks,
+            logits: Logits::Last,
+            phase: Phase::Prefill,
+        };
+        d.forward(&[step])?;
+        panic!("injected fault after one step");
+        #[allow(unreachable_code)]
+        Ok(())
+    });
+    let msg = format!("{:#}", result.unwrap_err());
+    assert!(
+        msg.contains("panic") && msg.contains("injected fault"),
+        "{msg}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
+}
