@@ -342,14 +342,8 @@ impl Scheduler<'_> {
 
     /// Moves waiting requests into the running batch while slots and blocks last.
     fn admit(&mut self) {
-        if self.cfg.policy == SchedulePolicy::Lpm
-            && self.cfg.prefix_cache
-            && (2..=LPM_QUEUE_LIMIT).contains(&self.waiting.len())
-        {
-            let kv = &self.kv;
-            self.waiting
-                .make_contiguous()
-                .sort_by_cached_key(|r| std::cmp::Reverse(kv.cached_prefix(&r.input_ids)));
+        if self.cfg.policy == SchedulePolicy::Lpm && self.cfg.prefix_cache {
+            longest_prefix_first(&mut self.waiting, &self.kv);
         }
         let mut i = 0;
         while self.running.len() < self.cfg.max_running_requests && i < self.waiting.len() {
@@ -569,6 +563,16 @@ impl Sequence {
     }
 }
 
+/// SGLang's lpm order: the longest cached prefix first, arrival order among equals; arrival
+/// order alone when more than [`LPM_QUEUE_LIMIT`] wait.
+fn longest_prefix_first(waiting: &mut VecDeque<Request>, kv: &KvBlocks) {
+    if (2..=LPM_QUEUE_LIMIT).contains(&waiting.len()) {
+        waiting
+            .make_contiguous()
+            .sort_by_cached_key(|r| std::cmp::Reverse(kv.cached_prefix(&r.input_ids)));
+    }
+}
+
 /// The next token of `seq` from row `row` of a step's output, with its log-probabilities
 /// when asked.
 fn choose_token(
@@ -643,5 +647,62 @@ impl EngineHandle {
 
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(input_ids: Vec<u32>) -> Request {
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        Request {
+            input_ids,
+            params: GenerationParams {
+                max_new_tokens: 4,
+                sampling: SamplingParams::default(),
+                stop_ids: vec![],
+                logprobs: None,
+            },
+            events,
+        }
+    }
+
+    /// With 48 tokens of one prompt cached: the waiting request that shares 40 of them goes
+    /// first, then those sharing 20 (in arrival order), then the one sharing nothing; with
+    /// a queue longer than the limit, arrival order stays.
+    #[test]
+    fn lpm_admits_the_longest_cached_prefix_first() {
+        let mut kv = KvBlocks::new(64, 16, true);
+        let cached: Vec<u32> = (0..48).collect();
+        let Admission::Admitted(mut table) = kv.admit(&cached, 1) else {
+            panic!("room for one request");
+        };
+        kv.prompt_filled(&mut table, &cached);
+        kv.release(table);
+        let sharing = |n: usize, tag: u32| {
+            let mut p = cached[..n].to_vec();
+            p.extend([1000 + tag, 2000 + tag]);
+            p
+        };
+        let prompts = [
+            sharing(0, 0),
+            sharing(20, 1),
+            sharing(40, 2),
+            sharing(20, 3),
+        ];
+        let mut waiting: VecDeque<Request> = prompts.iter().cloned().map(request).collect();
+        longest_prefix_first(&mut waiting, &kv);
+        let order: Vec<u32> = waiting
+            .iter()
+            .map(|r| *r.input_ids.last().unwrap() - 2000)
+            .collect();
+        assert_eq!(order, [2, 1, 3, 0]);
+
+        let mut long: VecDeque<Request> = (0..=LPM_QUEUE_LIMIT)
+            .map(|i| request(sharing(if i == LPM_QUEUE_LIMIT { 40 } else { 0 }, i as u32)))
+            .collect();
+        longest_prefix_first(&mut long, &kv);
+        assert_eq!(*long[0].input_ids.last().unwrap(), 2000);
     }
 }
