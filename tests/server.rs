@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::server::{post, start, stream};
+use common::server::{post, post_with_key, send, start, stream};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::process::Command;
@@ -400,12 +400,7 @@ async fn check_over_capacity(b: &str) {
 /// A client that leaves a stream half-way: its request is cancelled and its blocks freed.
 async fn check_disconnect_frees_blocks(b: &str) {
     let body = json!({"prompt": "Tell me a long story", "max_tokens": 200, "ignore_eos": true, "stream": true});
-    let r = reqwest::Client::new()
-        .post(format!("{b}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = send(b, "/v1/completions", &body, None).await;
     let mut chunks = r.bytes_stream();
     for _ in 0..3 {
         chunks.next().await.unwrap().unwrap();
@@ -439,34 +434,25 @@ async fn check_disconnect_frees_blocks(b: &str) {
     }
 }
 
-async fn post_with_key(url: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
-    let mut request = reqwest::Client::new().post(url).json(body);
-    if let Some(k) = key {
-        request = request.bearer_auth(k);
-    }
-    let r = request.send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn api_key_is_required_when_set() {
     let s = start(&["--api-key", "sekret", "--max-total-tokens", "256"]).await;
     let body = json!({"prompt": "hi", "max_tokens": 1});
-    let url = format!("{}/v1/completions", s.base);
-    assert_eq!(post_with_key(&url, None, &body).await.0, 401);
-    let (status, v) = post_with_key(&url, Some("wrong"), &body).await;
+    let post_with_key = |body, key| post_with_key(&s.base, "/v1/completions", body, key);
+    assert_eq!(post_with_key(&body, None).await.0, 401);
+    let (status, v) = post_with_key(&body, Some("wrong")).await;
     assert_eq!(status, 401);
     assert_eq!(v["error"]["type"], "authentication_error");
-    assert_eq!(post_with_key(&url, Some("sekret"), &body).await.0, 200);
+    assert_eq!(post_with_key(&body, Some("sekret")).await.0, 200);
 
     // One request that needs more KV positions than the whole cache (256): refused with the
     // flag to change, and the server goes on.
     let huge = json!({"prompt": "hi", "max_tokens": 1000});
-    let (status, v) = post_with_key(&url, Some("sekret"), &huge).await;
+    let (status, v) = post_with_key(&huge, Some("sekret")).await;
     assert_eq!(status, 400);
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("--max-total-tokens"), "{message}");
-    assert_eq!(post_with_key(&url, Some("sekret"), &body).await.0, 200);
+    assert_eq!(post_with_key(&body, Some("sekret")).await.0, 200);
 }
 
 /// SIGINT: stop accepting, finish the request in flight, exit 0.

@@ -99,7 +99,7 @@ impl KvBlocks {
     pub fn cached_prefix(&self, prompt: &[u32]) -> usize {
         self.cache
             .as_ref()
-            .map_or(0, |c| c.match_prompt(prompt).len() * self.block_size)
+            .map_or(0, |c| c.matched_blocks(prompt) * self.block_size)
     }
 
     /// Blocks for a prompt and `max_new_tokens` more: the cached prefix's, then new ones

@@ -89,19 +89,25 @@ impl PrefixCache {
     /// The nodes of the longest run of whole blocks cached for a prompt, first block first;
     /// the prompt's last token is never matched.
     pub fn match_prompt(&self, prompt: &[u32]) -> Vec<NodeId> {
+        self.walk(prompt).collect()
+    }
+
+    /// Whole blocks [`Self::match_prompt`] would match, without collecting them (the lpm
+    /// order asks this of every waiting prompt at every step).
+    pub fn matched_blocks(&self, prompt: &[u32]) -> usize {
+        self.walk(prompt).count()
+    }
+
+    fn walk<'a>(&'a self, prompt: &'a [u32]) -> impl Iterator<Item = NodeId> + 'a {
         let whole = prompt.len().saturating_sub(1) / self.block_size;
-        let mut path = Vec::new();
         let mut at = ROOT;
-        for key in prompt.chunks_exact(self.block_size).take(whole) {
-            match self.node(at).children.get(key) {
-                Some(&child) => {
-                    path.push(child);
-                    at = child;
-                }
-                None => break,
-            }
-        }
-        path
+        prompt
+            .chunks_exact(self.block_size)
+            .take(whole)
+            .map_while(move |key| {
+                at = *self.node(at).children.get(key)?;
+                Some(at)
+            })
     }
 
     /// Marks `path` as used by one more request (it cannot be evicted until released).

@@ -331,13 +331,14 @@ impl Scheduler<'_> {
     /// Cancelled requests leave before they cost a step.
     fn drop_cancelled(&mut self) {
         self.waiting.retain(|r| !r.events.is_closed());
-        let (keep, gone): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running)
-            .into_iter()
-            .partition(|seq| !seq.request.events.is_closed());
-        self.running = keep;
-        for seq in gone {
-            self.kv.release(seq.table);
-        }
+        let kv = &mut self.kv;
+        self.running.retain_mut(|seq| {
+            let keep = !seq.request.events.is_closed();
+            if !keep {
+                kv.release(std::mem::take(&mut seq.table));
+            }
+            keep
+        });
     }
 
     /// Moves waiting requests into the running batch while slots and blocks last.

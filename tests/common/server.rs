@@ -50,25 +50,36 @@ pub async fn start(extra: &[&str]) -> Server {
     panic!("the server did not become healthy");
 }
 
-pub async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
+/// A POST of `body` as JSON, with a bearer `key` when given.
+pub async fn send(base: &str, path: &str, body: &Value, key: Option<&str>) -> reqwest::Response {
+    let mut request = reqwest::Client::new()
         .post(format!("{base}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .json(body);
+    if let Some(k) = key {
+        request = request.bearer_auth(k);
+    }
+    request.send().await.unwrap()
+}
+
+/// Status and JSON body (null when the body is not JSON).
+pub async fn post_with_key(
+    base: &str,
+    path: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> (u16, Value) {
+    let r = send(base, path, body, key).await;
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+pub async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    post_with_key(base, path, &body, None).await
+}
+
 /// The `data:` payloads of a server-sent event stream.
 pub async fn stream(base: &str, path: &str, body: Value) -> Vec<String> {
-    let r = reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = send(base, path, &body, None).await;
     assert_eq!(r.status().as_u16(), 200);
     let text = r.text().await.unwrap();
     text.lines()
