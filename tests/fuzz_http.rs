@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Map, Value};
 use std::sync::{mpsc, Arc};
+use tpserve::engine::grammar::Grammars;
 use tpserve::engine::scheduler::{Command, EngineHandle, Event, FlushOutcome, Stats};
 use tpserve::engine::{ChatTemplate, Tokenizer};
 use tpserve::loader;
@@ -54,6 +55,19 @@ const KEYS: &[&str] = &[
     "name",
     "type",
     "response_format",
+    "json_schema",
+    "schema",
+    "regex",
+    "ebnf",
+    "properties",
+    "items",
+    "required",
+    "enum",
+    "anyOf",
+    "tools",
+    "tool_choice",
+    "function",
+    "parameters",
 ];
 
 /// A stand-in scheduler: every request is admitted and gets up to three random tokens.
@@ -92,9 +106,12 @@ fn start(runtime: &tokio::runtime::Runtime) -> String {
     let tokenizer = Tokenizer::new(files.tokenizer.as_ref().unwrap()).unwrap();
     let spec = files.chat_template.as_ref().unwrap();
     let template = ChatTemplate::new(&spec.source, &spec.bos_token, &spec.eos_token).unwrap();
+    let stop_ids = tokenizer.end_of_turn_ids();
+    let grammars = Grammars::new(&tokenizer, files.config.vocab_size, &stop_ids);
     let state = Arc::new(AppState {
         engine: fake_engine(files.config.vocab_size as u32),
-        stop_ids: tokenizer.end_of_turn_ids(),
+        grammars: grammars.map_err(|e| e.to_string()),
+        stop_ids,
         tokenizer,
         chat_template: Some(template),
         model_name: "fuzz".into(),

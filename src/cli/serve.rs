@@ -1,6 +1,7 @@
 //! `tpserve serve` (also `launch_server`): SGLang's launch_server, with its flag names.
 
 use crate::engine::affinity::parse_cpu_list;
+use crate::engine::grammar::Grammars;
 use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
 use crate::engine::scheduler::{self, EngineHandle, SchedulePolicy, SchedulerConfig, Stats};
 use crate::engine::{self, ChatTemplate, GroupOptions, Launch, Tokenizer};
@@ -172,8 +173,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "port": args.port,
         "enable_metrics": args.enable_metrics,
     });
+    let started = std::time::Instant::now();
+    let grammars =
+        Grammars::new(&tokenizer, cfg.vocab_size, &stop_ids).map_err(|e| format!("{e:#}"));
+    match &grammars {
+        Ok(_) => tracing::info!(
+            "constrained decoding ready ({:.2} s)",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(why) => tracing::warn!("constrained decoding is off for this model: {why}"),
+    }
     let state = Arc::new(AppState {
         engine: handle.clone(),
+        grammars,
         tokenizer,
         chat_template,
         model_name: model_name.clone(),

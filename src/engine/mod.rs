@@ -3,6 +3,7 @@
 pub mod affinity;
 pub mod chat;
 pub mod generate;
+pub mod grammar;
 pub mod kv_blocks;
 pub mod perplexity;
 pub mod plan;

@@ -18,8 +18,14 @@ pub enum Gather {
     TopK(usize),
 }
 
-/// Serialises a forward step into `out` (cleared first; its capacity is reused).
-pub fn encode_forward(seqs: &[SeqStep], gather: Gather, out: &mut Vec<u8>) {
+/// The tokens a logits row may choose (constrained decoding): the row's index among the
+/// step's logits rows, and one bit per vocabulary id (`words[id / 32] >> (id % 32) & 1`).
+/// Each rank applies it to its own vocabulary slice before choosing its candidates.
+pub type RowMask<'a> = (usize, &'a [u32]);
+
+/// Serialises a forward step into `out` (cleared first; its capacity is reused); `masks`
+/// (sorted by row) travel only with a top-k gather, where the ranks choose.
+pub fn encode_forward(seqs: &[SeqStep], gather: Gather, masks: &[RowMask], out: &mut Vec<u8>) {
     out.clear();
     out.push(FORWARD);
     let k = match gather {
@@ -46,6 +52,19 @@ pub fn encode_forward(seqs: &[SeqStep], gather: Gather, out: &mut Vec<u8>) {
             for v in part {
                 out.extend_from_slice(&v.to_le_bytes());
             }
+        }
+    }
+    let masks = if gather == Gather::AllLogits {
+        &[]
+    } else {
+        masks
+    };
+    out.extend_from_slice(&(masks.len() as u32).to_le_bytes());
+    for (row, words) in masks {
+        out.extend_from_slice(&(*row as u32).to_le_bytes());
+        out.extend_from_slice(&(words.len() as u32).to_le_bytes());
+        for w in *words {
+            out.extend_from_slice(&w.to_le_bytes());
         }
     }
 }
@@ -76,6 +95,9 @@ pub struct ReceivedPlan {
     tokens: Vec<u32>,
     blocks: Vec<u32>,
     seqs: Vec<SeqMeta>,
+    /// The masks' words, and each mask's row and range of words.
+    mask_words: Vec<u32>,
+    masks: Vec<(usize, std::ops::Range<usize>)>,
 }
 
 /// One sequence of a received plan: its tokens and blocks as ranges into the buffers.
@@ -132,6 +154,8 @@ impl ReceivedPlan {
                 self.tokens.clear();
                 self.blocks.clear();
                 self.seqs.clear();
+                self.mask_words.clear();
+                self.masks.clear();
                 let mut r = Reader { bytes, at: 1 };
                 self.gather = Some(match r.u32()? {
                     0 => Gather::AllLogits,
@@ -161,6 +185,11 @@ impl ReceivedPlan {
                         phase,
                     });
                 }
+                for _ in 0..r.u32()? {
+                    let row = r.u32()? as usize;
+                    let words = r.u32s(&mut self.mask_words)?;
+                    self.masks.push((row, words));
+                }
                 ensure!(r.at == bytes.len(), "malformed step plan: trailing bytes");
                 Ok(PlanKind::Forward)
             }
@@ -173,6 +202,16 @@ impl ReceivedPlan {
     /// What the last decoded forward plan gathers.
     pub fn gather(&self) -> Gather {
         self.gather.unwrap_or(Gather::AllLogits)
+    }
+
+    /// The token masks of the last decoded forward plan, into `out` (cleared first).
+    pub fn masks<'a>(&'a self, out: &mut Vec<RowMask<'a>>) {
+        out.clear();
+        out.extend(
+            self.masks
+                .iter()
+                .map(|(row, words)| (*row, &self.mask_words[words.clone()])),
+        );
     }
 
     /// The sequences of the last decoded forward plan, into `out` (cleared first).
@@ -211,12 +250,16 @@ mod tests {
             },
         ];
         let mut buf = vec![];
-        encode_forward(&seqs, Gather::TopK(40), &mut buf);
+        let masks: [RowMask; 2] = [(0, &[7, 0, u32::MAX]), (1, &[1])];
+        encode_forward(&seqs, Gather::TopK(40), &masks, &mut buf);
         let mut plan = ReceivedPlan::default();
         assert_eq!(plan.decode(&buf).unwrap(), PlanKind::Forward);
         let mut decoded = vec![];
         plan.seqs(&mut decoded);
         assert_eq!(decoded, seqs);
+        let mut decoded_masks = vec![];
+        plan.masks(&mut decoded_masks);
+        assert_eq!(decoded_masks, masks);
         assert_eq!(plan.gather(), Gather::TopK(40));
         assert!(plan.decode(&buf[..buf.len() - 1]).is_err());
     }

@@ -2,7 +2,8 @@
 //! run the worker loop (receive a step plan, run the forward pass, contribute).
 
 use super::affinity;
-use super::plan::{self, Gather, PlanKind, ReceivedPlan};
+use super::grammar;
+use super::plan::{self, Gather, PlanKind, ReceivedPlan, RowMask};
 use super::sampling::{by_logit, logit_key};
 use crate::comm::{Comm, LocalGroup};
 use crate::kernels::{Phase, Threads};
@@ -120,14 +121,27 @@ impl Driver<'_> {
     /// Runs one step of `seqs` on every rank; returns the full-vocabulary logits of the
     /// positions asked, sequence after sequence: `[positions × vocab]`.
     pub fn forward(&mut self, seqs: &[SeqStep]) -> Result<&[f32]> {
-        plan::encode_forward(seqs, Gather::AllLogits, &mut self.plan);
+        self.forward_masked(seqs, &[])
+    }
+
+    /// [`Self::forward`], with the tokens `masks` leave out of their rows at −∞.
+    pub fn forward_masked(&mut self, seqs: &[SeqStep], masks: &[RowMask]) -> Result<&[f32]> {
+        plan::encode_forward(seqs, Gather::AllLogits, &[], &mut self.plan);
         self.rank.comm.broadcast(&mut self.plan, 0)?;
         let vocab = self.rank.model.config().vocab_size;
-        execute_forward(self.rank, seqs, Gather::AllLogits, &mut self.buffers)?;
+        execute_forward(self.rank, seqs, Gather::AllLogits, &[], &mut self.buffers)?;
         let gathered = &self.buffers.gathered;
         let positions = gathered.len() / vocab;
         self.logits.resize(positions * vocab, 0.0);
         interleave_vocab_shards(gathered, vocab, self.tp(), &mut self.logits);
+        for &(row, words) in masks {
+            let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+            for (id, l) in logits.iter_mut().enumerate() {
+                if !grammar::is_allowed(words, id as u32) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         Ok(&self.logits)
     }
 
@@ -136,10 +150,22 @@ impl Driver<'_> {
     /// `[positions × k]`. Only each rank's own top `k` crosses ranks (vocab-parallel
     /// selection), never the full logits. `k` is capped at the vocabulary size.
     pub fn forward_top_k(&mut self, seqs: &[SeqStep], k: usize) -> Result<&[(u32, f32)]> {
+        self.forward_top_k_masked(seqs, k, &[])
+    }
+
+    /// [`Self::forward_top_k`] among the tokens `masks` allow in their rows: every rank
+    /// leaves the others out of its own candidates, so the merged top k holds allowed
+    /// tokens first (then −∞ places, where fewer than k are allowed).
+    pub fn forward_top_k_masked(
+        &mut self,
+        seqs: &[SeqStep],
+        k: usize,
+        masks: &[RowMask],
+    ) -> Result<&[(u32, f32)]> {
         let k = k.clamp(1, self.config().vocab_size);
-        plan::encode_forward(seqs, Gather::TopK(k), &mut self.plan);
+        plan::encode_forward(seqs, Gather::TopK(k), masks, &mut self.plan);
         self.rank.comm.broadcast(&mut self.plan, 0)?;
-        execute_forward(self.rank, seqs, Gather::TopK(k), &mut self.buffers)?;
+        execute_forward(self.rank, seqs, Gather::TopK(k), masks, &mut self.buffers)?;
         merge_top_k(&self.buffers.gathered, self.tp(), k, &mut self.top);
         Ok(&self.top)
     }
@@ -259,6 +285,7 @@ fn execute_forward(
     rank: &mut Rank,
     seqs: &[SeqStep],
     gather: Gather,
+    masks: &[RowMask],
     buffers: &mut GatherBuffers,
 ) -> Result<()> {
     let vocab = rank.model.plan().vocab.clone();
@@ -268,8 +295,10 @@ fn execute_forward(
         Gather::TopK(k) => {
             buffers.local_top.clear();
             if !vocab.is_empty() {
-                for row in local.chunks_exact(vocab.len()) {
-                    push_top_k(row, vocab.start as u32, k, &mut buffers.local_top);
+                let mut masks = masks.iter().peekable();
+                for (r, row) in local.chunks_exact(vocab.len()).enumerate() {
+                    let mask = masks.next_if(|m| m.0 == r).map(|m| m.1);
+                    push_top_k(row, vocab.start as u32, k, mask, &mut buffers.local_top);
                 }
             }
             rank.comm
@@ -280,8 +309,8 @@ fn execute_forward(
 
 /// Appends the `k` largest of `row` (ids from `first_id`) as `[logit, id bits]` pairs,
 /// largest first, in [`by_logit`]'s order; missing places are (-inf, u32::MAX), which every
-/// real token outranks.
-fn push_top_k(row: &[f32], first_id: u32, k: usize, out: &mut Vec<f32>) {
+/// real token outranks. With a `mask` (bits by global id), tokens it leaves out are skipped.
+fn push_top_k(row: &[f32], first_id: u32, k: usize, mask: Option<&[u32]>, out: &mut Vec<f32>) {
     let start = out.len();
     for _ in 0..k {
         out.extend([f32::NEG_INFINITY, f32::from_bits(u32::MAX)]);
@@ -294,6 +323,9 @@ fn push_top_k(row: &[f32], first_id: u32, k: usize, out: &mut Vec<f32>) {
             continue;
         }
         let id = first_id + i as u32;
+        if mask.is_some_and(|m| !grammar::is_allowed(m, id)) {
+            continue;
+        }
         // Better than the k-th, or it stays out (ids only grow, so an equal value loses).
         if by_logit(&(id, v), &entry(best, k - 1)).is_ge() {
             continue;
@@ -355,7 +387,10 @@ fn worker_loop(rank: &mut Rank) -> Result<()> {
             PlanKind::Forward => {
                 let mut steps = SeqStep::recycle(std::mem::take(&mut steps_storage));
                 plan.seqs(&mut steps);
-                execute_forward(rank, &steps, plan.gather(), &mut buffers)?;
+                // Allocates only when a step carries token masks.
+                let mut masks = Vec::new();
+                plan.masks(&mut masks);
+                execute_forward(rank, &steps, plan.gather(), &masks, &mut buffers)?;
                 steps_storage = SeqStep::recycle(steps);
             }
             PlanKind::ReportMemory => {
@@ -619,7 +654,7 @@ mod tests {
         ];
         for k in 1..=6 {
             let mut out = Vec::new();
-            push_top_k(&row, 10, k, &mut out);
+            push_top_k(&row, 10, k, None, &mut out);
             let got: Vec<(u32, f32)> = out.chunks(2).map(|c| (c[1].to_bits(), c[0])).collect();
             let want: Vec<(u32, f32)> = top_logits(&row, k)
                 .into_iter()
@@ -629,7 +664,39 @@ mod tests {
         }
         // A shard of nothing but -inf still offers real tokens, never the placeholder id.
         let mut out = Vec::new();
-        push_top_k(&[f32::NEG_INFINITY; 3], 0, 2, &mut out);
+        push_top_k(&[f32::NEG_INFINITY; 3], 0, 2, None, &mut out);
         assert_eq!([out[1].to_bits(), out[3].to_bits()], [0, 1]);
+    }
+
+    /// A masked shard's candidates are the best allowed tokens, as if the others were not
+    /// there; places beyond the allowed tokens are placeholders, never a masked token.
+    #[test]
+    fn masked_top_k_offers_only_allowed_tokens() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..200 {
+            let n = rng.random_range(1..100);
+            let row: Vec<f32> = (0..n).map(|_| rng.random_range(-4..4) as f32).collect();
+            let first = rng.random_range(0..70u32);
+            let mut mask = vec![0u32; (first as usize + n).div_ceil(32)];
+            for id in first..first + n as u32 {
+                if rng.random_bool(0.3) {
+                    mask[id as usize / 32] |= 1 << (id % 32);
+                }
+            }
+            let allowed: Vec<(u32, f32)> = (0..n)
+                .filter(|&i| grammar::is_allowed(&mask, first + i as u32))
+                .map(|i| (first + i as u32, row[i]))
+                .collect();
+            let k = rng.random_range(1..8);
+            let mut out = Vec::new();
+            push_top_k(&row, first, k, Some(&mask), &mut out);
+            let got: Vec<(u32, f32)> = out.chunks(2).map(|c| (c[1].to_bits(), c[0])).collect();
+            let mut want = allowed.clone();
+            want.sort_by(by_logit);
+            want.resize(k, (u32::MAX, f32::NEG_INFINITY));
+            want.truncate(k);
+            assert_eq!(got, want);
+        }
     }
 }

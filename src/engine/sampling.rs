@@ -239,10 +239,9 @@ impl Sampler {
             }
         }
         c.truncate(keep);
-        if p.min_p > 0.0 {
-            // The best weighs 1 >= min_p, so it is never dropped.
-            c.retain(|&(_, v)| v >= p.min_p);
-        }
+        // Tokens of no weight (−∞: masked out, or placeholders) are never drawn; the best
+        // weighs 1 >= min_p, so it is never dropped.
+        c.retain(|&(_, v)| v > 0.0 && v >= p.min_p);
         let sum: f32 = c.iter().map(|(_, v)| v).sum();
         let mut r = self.rng.random::<f32>() * sum;
         for &(id, v) in c.iter() {

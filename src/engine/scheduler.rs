@@ -8,7 +8,9 @@
 //! starts its prefill after them, on the prefix cache's blocks ([`super::prefix_cache`]).
 //! The scheduler deals in token ids; text (detokenizing, stop strings) is the caller's.
 
+use super::grammar::Constraint;
 use super::kv_blocks::{Admission, BlockTable, KvBlocks};
+use super::plan::RowMask;
 use super::runtime::Driver;
 use super::sampling::{logprobs, Sampler, SamplingParams};
 use crate::kernels::Phase;
@@ -31,6 +33,9 @@ pub struct GenerationParams {
     pub stop_ids: Vec<u32>,
     /// Top log-probabilities to report with each token (`None`: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// The grammar the output follows (JSON schema, regex, EBNF); the request ends when
+    /// it is complete.
+    pub constraint: Option<Constraint>,
 }
 
 /// A token's log-probability and the most likely alternatives.
@@ -442,27 +447,43 @@ impl Scheduler<'_> {
     /// prompt is done.
     fn step(&mut self, driver: &mut Driver) -> Result<()> {
         let plan = self.plan();
+        let samples = |seq: &Sequence, range: &Range<usize>| {
+            seq.prompt_done() || range.end == seq.request.input_ids.len()
+        };
+        for (i, range) in &plan {
+            let seq = &mut self.running[*i];
+            if samples(seq, range) {
+                seq.compute_mask();
+            }
+        }
         let steps: Vec<SeqStep> = plan
             .iter()
             .map(|(i, range)| self.running[*i].step(range.clone()))
             .collect();
-        // Vocab-parallel selection unless a sequence needs the full logits.
-        let needed = plan
+        let sampling: Vec<&Sequence> = plan
             .iter()
             .map(|(i, range)| (&self.running[*i], range))
-            .filter(|(seq, range)| seq.prompt_done() || range.end == seq.request.input_ids.len())
-            .try_fold(1, |k, (seq, _)| {
-                let need = match seq.request.params.logprobs {
-                    Some(_) => None,
-                    None => seq.sampler.candidates_needed(),
-                };
-                need.map(|n| n.max(k))
-            });
+            .filter(|(seq, range)| samples(seq, range))
+            .map(|(seq, _)| seq)
+            .collect();
+        let masks: Vec<RowMask> = sampling
+            .iter()
+            .enumerate()
+            .filter_map(|(row, seq)| Some((row, seq.mask()?)))
+            .collect();
+        // Vocab-parallel selection unless a sequence needs the full logits.
+        let needed = sampling.iter().try_fold(1, |k, seq| {
+            let need = match seq.request.params.logprobs {
+                Some(_) => None,
+                None => seq.sampler.candidates_needed(),
+            };
+            need.map(|n| n.max(k))
+        });
         let out = match needed {
-            Some(k) => StepOutput::Top(driver.forward_top_k(&steps, k)?, k),
-            None => StepOutput::Logits(driver.forward(&steps)?),
+            Some(k) => StepOutput::Top(driver.forward_top_k_masked(&steps, k, &masks)?, k),
+            None => StepOutput::Logits(driver.forward_masked(&steps, &masks)?),
         };
-        drop(steps);
+        drop((steps, sampling, masks));
         self.report(plan, out);
         Ok(())
     }
@@ -483,15 +504,23 @@ impl Scheduler<'_> {
             }
             let chosen = catch_unwind(AssertUnwindSafe(|| choose_token(seq, out, row, self.vocab)));
             row += 1;
-            let Ok((id, lp)) = chosen else {
+            let chosen = match chosen {
+                Ok((id, lp)) => seq.follow_grammar(id).map(|()| (id, lp)),
                 // A fault of this request alone: it fails, the batch goes on.
-                tracing::error!("sampling failed for a request; it is ended with an error");
-                let _ = seq.request.events.send(Event::failed(
-                    FailureKind::Internal,
-                    "internal error while choosing the next token; the request was ended",
-                ));
-                finished.push(i);
-                continue;
+                Err(_) => Err(Failure {
+                    kind: FailureKind::Internal,
+                    message: "internal error while choosing the next token; the request was ended"
+                        .into(),
+                }),
+            };
+            let (id, lp) = match chosen {
+                Ok(c) => c,
+                Err(failure) => {
+                    tracing::error!("request failed while choosing a token: {}", failure.message);
+                    let _ = seq.request.events.send(Event::Failed(failure));
+                    finished.push(i);
+                    continue;
+                }
             };
             if seq.emit(id, lp, self.stats) {
                 finished.push(i);
@@ -540,8 +569,41 @@ impl Sequence {
         }
     }
 
+    /// Computes the tokens its grammar allows next, if it has one and they are not known
+    /// yet; a grammar that fails is reported when the token is chosen.
+    fn compute_mask(&mut self) {
+        if let Some(c) = &mut self.request.params.constraint {
+            // An error leaves no mask: `follow_grammar` finds it again and fails the request.
+            let _ = c.allowed();
+        }
+    }
+
+    /// The grammar's allowed tokens computed for this step.
+    fn mask(&self) -> Option<&[u32]> {
+        self.request.params.constraint.as_ref()?.current_mask()
+    }
+
+    /// Moves the grammar past the chosen token (an error if the grammar failed or the
+    /// token is not allowed).
+    fn follow_grammar(&mut self, id: u32) -> Result<(), Failure> {
+        let Some(c) = &mut self.request.params.constraint else {
+            return Ok(());
+        };
+        let fail = |e: anyhow::Error| Failure {
+            kind: FailureKind::Internal,
+            message: format!("the output grammar could not go on: {e}"),
+        };
+        let allowed = c.allowed().map_err(fail)?;
+        if !super::grammar::is_allowed(allowed, id) {
+            return Err(fail(anyhow::anyhow!(
+                "token {id} was chosen but the grammar does not allow it"
+            )));
+        }
+        c.advance(id).map_err(fail)
+    }
+
     /// Records and sends a new token; true when the sequence is done (stop token, length,
-    /// or a client that went away).
+    /// a complete grammar, or a client that went away).
     fn emit(&mut self, id: u32, logprob: Option<TokenLogprob>, stats: &Stats) -> bool {
         self.generated.push(id);
         stats
@@ -554,7 +616,13 @@ impl Sequence {
         }
         self.last_token = Some(now);
         let sent = self.request.events.send(Event::Token { id, logprob });
-        let stop = self.request.params.stop_ids.contains(&id);
+        let grammar_done = self
+            .request
+            .params
+            .constraint
+            .as_ref()
+            .is_some_and(|c| c.is_done());
+        let stop = self.request.params.stop_ids.contains(&id) || grammar_done;
         let length = self.generated.len() >= self.request.params.max_new_tokens;
         if sent.is_err() || stop || length {
             let _ = self.request.events.send(Event::Finished { stop });
@@ -664,6 +732,7 @@ mod tests {
                 sampling: SamplingParams::default(),
                 stop_ids: vec![],
                 logprobs: None,
+                constraint: None,
             },
             events,
         }

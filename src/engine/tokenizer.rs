@@ -148,6 +148,20 @@ impl Tokenizer {
         .collect()
     }
 
+    /// Every token's bytes, by id (special tokens marked with llguidance's 0xFF prefix):
+    /// the vocabulary constrained decoding matches grammars against.
+    pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>> {
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow!("cannot serialise the tokenizer: {e}"))?;
+        let json: serde_json::Value = serde_json::from_str(&json)?;
+        // llguidance asserts on vocabularies it does not expect: a refusal, not a crash.
+        std::panic::catch_unwind(|| llguidance::token_bytes_from_tokenizer_json(&json))
+            .map_err(|_| anyhow!("this tokenizer's vocabulary cannot be read as bytes"))?
+            .map_err(|e| anyhow!("this tokenizer's vocabulary cannot be read as bytes: {e}"))
+    }
+
     /// Text of `ids`; special tokens (<|im_end|> …) are written out unless skipped.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner

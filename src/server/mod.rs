@@ -6,8 +6,10 @@
 
 mod native;
 mod openai;
+mod structured;
 mod text;
 
+use crate::engine::grammar::Grammars;
 use crate::engine::scheduler::{EngineHandle, Event, Failure, FailureKind, GenerationParams};
 use crate::engine::{ChatTemplate, SamplingParams, Tokenizer};
 use axum::body::Bytes;
@@ -29,6 +31,8 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// What every handler needs.
 pub struct AppState {
     pub engine: EngineHandle,
+    /// The grammar compiler of constrained decoding, or why this model has none.
+    pub grammars: Result<Grammars, String>,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     /// The name clients use in `model`.
@@ -299,6 +303,7 @@ impl AppState {
                 self.stop_ids.clone()
             },
             logprobs: s.logprobs,
+            constraint: None,
         })
     }
 

@@ -1,6 +1,7 @@
 //! SGLang-native endpoints: /generate, /health, /health_generate, /get_model_info,
 //! /get_server_info, /flush_cache, and Prometheus /metrics.
 
+use super::structured::{self, ConstraintFields};
 use super::text::TextStream;
 use super::{complete, new_id, parse_body, ApiError, SamplingRequest, Shared};
 use crate::engine::scheduler::{Event, FlushOutcome, Histogram};
@@ -41,6 +42,11 @@ struct NativeSampling {
     presence_penalty: Option<f64>,
     stop: Option<StopField>,
     ignore_eos: Option<bool>,
+    /// A JSON schema (an object, or a string holding one), a regex or an EBNF grammar the
+    /// output must follow (SGLang's structured outputs).
+    json_schema: Option<Value>,
+    regex: Option<String>,
+    ebnf: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -97,7 +103,16 @@ pub async fn generate(
         ignore_eos: s.ignore_eos.unwrap_or(false),
         logprobs: req.return_logprob.unwrap_or(false).then_some(0),
     };
-    let params = state.generation_params(ids.len(), &sampling)?;
+    let mut params = state.generation_params(ids.len(), &sampling)?;
+    let fields = ConstraintFields {
+        json_schema: s.json_schema.as_ref(),
+        regex: s.regex.as_deref(),
+        ebnf: s.ebnf.as_deref(),
+        ..Default::default()
+    };
+    if let Some(spec) = fields.spec()? {
+        params.constraint = Some(structured::compile(&state, spec).await?);
+    }
     let id = new_id("gen");
     let prompt_tokens = ids.len();
     let meta = move |id: &str, completion: usize, cached: usize, finish: Option<&str>| {

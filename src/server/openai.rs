@@ -1,9 +1,11 @@
 //! OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models.
 
+use super::structured::{self, ConstraintFields};
 use super::text::TextStream;
 use super::{
     complete, new_id, parse_body, unix_time, ApiError, Completion, SamplingRequest, Shared,
 };
+use crate::engine::grammar::Constraint;
 use crate::engine::scheduler::{Event, GenerationParams, TokenLogprob};
 use crate::engine::ChatMessage;
 use axum::body::Bytes;
@@ -44,6 +46,26 @@ struct Common {
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     ignore_eos: Option<bool>,
+    response_format: Option<Value>,
+    /// SGLang's extra fields: the output matches this regex, or this EBNF grammar.
+    regex: Option<String>,
+    ebnf: Option<String>,
+}
+
+impl Common {
+    /// The grammar the output must follow, compiled (None: free text).
+    async fn constraint(&self, state: &Shared) -> Result<Option<Constraint>, ApiError> {
+        let fields = ConstraintFields {
+            response_format: self.response_format.as_ref(),
+            regex: self.regex.as_deref(),
+            ebnf: self.ebnf.as_deref(),
+            ..Default::default()
+        };
+        match fields.spec()? {
+            Some(spec) => Ok(Some(structured::compile(state, spec).await?)),
+            None => Ok(None),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -258,7 +280,8 @@ pub async fn chat_completions(
         .unwrap_or(false)
         .then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-    let prepared = prepare(&state, &req.common, ids, max_tokens, logprobs)?;
+    let mut prepared = prepare(&state, &req.common, ids, max_tokens, logprobs)?;
+    prepared.params.constraint = req.common.constraint(&state).await?;
     respond(state, prepared, Api::Chat, false).await
 }
 
@@ -289,13 +312,14 @@ pub async fn completions(
         }
     }
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let prepared = prepare(
+    let mut prepared = prepare(
         &state,
         &req.common,
         ids,
         req.common.max_tokens,
         req.logprobs,
     )?;
+    prepared.params.constraint = req.common.constraint(&state).await?;
     respond(state, prepared, Api::Completion, req.echo.unwrap_or(false)).await
 }
 
