@@ -408,3 +408,147 @@ async fn bad_constraints_are_refused_naming_the_problem() {
     .await;
     assert_eq!(status, 200);
 }
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}},
+        {"type": "function", "function": {"name": "get_time", "description": "Local time of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                "required": ["city"]}}}
+    ])
+}
+
+/// The calls of a chat reply (plain or streamed), each checked: a known tool, arguments
+/// that are JSON valid against its parameters (by the `jsonschema` crate).
+fn checked_calls(calls: &Value, tools: &Value) -> Vec<(String, Value)> {
+    calls
+        .as_array()
+        .expect("tool_calls is a list")
+        .iter()
+        .map(|c| {
+            assert_eq!(c["type"], "function");
+            assert!(c["id"].as_str().unwrap().starts_with("call_"));
+            let name = c["function"]["name"].as_str().unwrap().to_owned();
+            let spec = tools
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["function"]["name"] == name.as_str())
+                .unwrap_or_else(|| panic!("call of an unknown tool {name}"));
+            let args: Value =
+                serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+            let validator = jsonschema::validator_for(&spec["function"]["parameters"]).unwrap();
+            assert!(validator.is_valid(&args), "{name}: {args}");
+            (name, args)
+        })
+        .collect()
+}
+
+/// A streamed chat reply put back together: content, and the tool calls of its deltas.
+fn assembled(events: &[String]) -> (String, Value, String) {
+    let (mut content, mut calls, mut finish) = (String::new(), Vec::new(), String::new());
+    for e in events.iter().filter(|e| e.as_str() != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let choice = &v["choices"][0];
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            content.push_str(t);
+        }
+        if let Some(c) = choice["delta"]["tool_calls"].as_array() {
+            calls.extend(c.iter().cloned());
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = f.to_owned();
+        }
+    }
+    (content, Value::Array(calls), finish)
+}
+
+/// `tool_choice: required` (sampled, several seeds) always yields a valid call, a named
+/// choice calls that function, and a tool's result is taken in the next turn — plain and
+/// streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_are_valid_and_results_are_taken_next_turn() {
+    let server = start(&["--tp", "2"]).await;
+    let base = &server.base;
+    let tools = weather_tools();
+    let question = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    for seed in 0..4 {
+        for choice in [
+            json!("required"),
+            json!({"type": "function", "function": {"name": "get_time"}}),
+        ] {
+            let body = json!({"messages": question, "tools": tools, "tool_choice": choice,
+                "temperature": 1.0, "seed": seed, "max_tokens": 120});
+            let (status, v) = post(base, "/v1/chat/completions", body.clone()).await;
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+            let calls = checked_calls(&v["choices"][0]["message"]["tool_calls"], &tools);
+            assert_eq!(calls.len(), 1);
+            if choice.is_object() {
+                assert_eq!(calls[0].0, "get_time");
+            }
+            let mut streamed = body;
+            streamed["stream"] = json!(true);
+            let (content, calls, finish) =
+                assembled(&common::server::stream(base, "/v1/chat/completions", streamed).await);
+            assert_eq!(finish, "tool_calls");
+            assert_eq!(content, "");
+            assert_eq!(checked_calls(&calls, &tools).len(), 1);
+        }
+    }
+    // Turn two: the call and its result go back; the reply is text.
+    let (status, first) = post(
+        base,
+        "/v1/chat/completions",
+        json!({"messages": question,
+        "tools": tools, "tool_choice": "required", "temperature": 0, "max_tokens": 120}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let call = first["choices"][0]["message"]["tool_calls"][0].clone();
+    let mut messages = question.as_array().unwrap().clone();
+    messages.push(json!({"role": "assistant", "content": null, "tool_calls": [call]}));
+    messages.push(
+        json!({"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature\": 18}"}),
+    );
+    let (status, v) = post(
+        base,
+        "/v1/chat/completions",
+        json!({"messages": messages,
+        "tools": tools, "tool_choice": "none", "temperature": 0, "max_tokens": 30}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+    // Tools that are not usable function specs are refused, naming the problem.
+    for (tools, needle) in [
+        (
+            json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}]),
+            "strin",
+        ),
+        (
+            json!([{"type": "function", "function": {"name": "bad name"}}]),
+            "bad name",
+        ),
+        (json!([{"type": "code_interpreter"}]), "tools[0]"),
+    ] {
+        let (status, v) = post(
+            base,
+            "/v1/chat/completions",
+            json!({"messages": question,
+            "tools": tools, "max_tokens": 5}),
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{v}"
+        );
+        assert_eq!(v["error"]["param"], "tools");
+    }
+}

@@ -27,6 +27,13 @@ pub enum GrammarSpec {
     /// Text derived from this grammar's `root` rule (GBNF-style EBNF, as SGLang's `ebnf`:
     /// `root ::= expr`, strings in quotes, `[a-z]` classes, `* + ?`, `{m,n}`).
     Ebnf(String),
+    /// `before`, then a JSON value matching `schema`, then `after` (a tool call in its
+    /// tags).
+    TaggedJson {
+        before: String,
+        schema: Value,
+        after: String,
+    },
 }
 
 impl GrammarSpec {
@@ -36,6 +43,7 @@ impl GrammarSpec {
             GrammarSpec::JsonSchema(_) => "JSON schema",
             GrammarSpec::Regex(_) => "regex",
             GrammarSpec::Ebnf(_) => "EBNF grammar",
+            GrammarSpec::TaggedJson { .. } => "tool schema",
         }
     }
 }
@@ -106,6 +114,16 @@ impl Grammars {
                 TopLevelGrammar::from_regex(rx)
             }
             GrammarSpec::Ebnf(text) => TopLevelGrammar::from_lark(ebnf_to_lark(text)?),
+            GrammarSpec::TaggedJson {
+                before,
+                schema,
+                after,
+            } => TopLevelGrammar::from_lark(format!(
+                "start: {} %json {} {}",
+                Value::from(before.as_str()),
+                compact_json(schema)?,
+                Value::from(after.as_str())
+            )),
         };
         let parser = self.factory.create_parser(grammar)?;
         let matcher = Matcher::new(Ok(parser));
@@ -285,6 +303,21 @@ impl Constraint {
 pub fn is_allowed(mask: &[u32], id: u32) -> bool {
     mask.get(id as usize / 32)
         .is_some_and(|w| w >> (id % 32) & 1 == 1)
+}
+
+/// Sets the logits of the tokens `mask` leaves out to −∞ (ids past the mask too).
+pub fn mask_logits(mask: &[u32], logits: &mut [f32]) {
+    for (i, chunk) in logits.chunks_mut(32).enumerate() {
+        let word = mask.get(i).copied().unwrap_or(0);
+        if word == u32::MAX {
+            continue;
+        }
+        for (bit, l) in chunk.iter_mut().enumerate() {
+            if word >> bit & 1 == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
 }
 
 /// Rewrites a GBNF-style grammar (llama.cpp's and SGLang's EBNF) as llguidance's Lark:

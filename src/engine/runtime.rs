@@ -136,11 +136,7 @@ impl Driver<'_> {
         interleave_vocab_shards(gathered, vocab, self.tp(), &mut self.logits);
         for &(row, words) in masks {
             let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
-            for (id, l) in logits.iter_mut().enumerate() {
-                if !grammar::is_allowed(words, id as u32) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
+            grammar::mask_logits(words, logits);
         }
         Ok(&self.logits)
     }

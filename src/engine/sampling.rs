@@ -261,6 +261,9 @@ impl Sampler {
 fn weight(logit: f32, max: f32, temperature: f32) -> f32 {
     if logit == max {
         1.0
+    } else if logit == f32::NEG_INFINITY {
+        // exp(−∞) without the call: most of a constrained row is masked out.
+        0.0
     } else {
         ((logit - max) / temperature).exp()
     }

@@ -8,6 +8,7 @@ mod native;
 mod openai;
 mod structured;
 mod text;
+mod tools;
 
 use crate::engine::grammar::Grammars;
 use crate::engine::scheduler::{EngineHandle, Event, Failure, FailureKind, GenerationParams};

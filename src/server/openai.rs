@@ -2,6 +2,7 @@
 
 use super::structured::{self, ConstraintFields};
 use super::text::TextStream;
+use super::tools::{self, CallStream, ToolFormat, Tools};
 use super::{
     complete, new_id, parse_body, unix_time, ApiError, Completion, SamplingRequest, Shared,
 };
@@ -76,6 +77,8 @@ struct StreamOptions {
 #[derive(Deserialize)]
 struct ChatRequest {
     messages: Option<Vec<RawMessage>>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
     max_completion_tokens: Option<i64>,
     logprobs: Option<bool>,
     top_logprobs: Option<usize>,
@@ -129,9 +132,22 @@ impl RawMessage {
                 .collect::<Result<Vec<_>, _>>()?
                 .concat(),
         };
+        let tool_calls = self.tool_calls.map(|calls| {
+            // Templates read arguments as an object; OpenAI sends them as JSON text.
+            let calls = calls.into_iter().map(|mut c| {
+                let args = &mut c["function"]["arguments"];
+                if let Some(parsed) = args.as_str().and_then(|a| serde_json::from_str(a).ok()) {
+                    *args = parsed;
+                }
+                c
+            });
+            Value::Array(calls.collect())
+        });
         Ok(ChatMessage {
             role: self.role,
             content,
+            tool_calls,
+            tool_call_id: self.tool_call_id,
         })
     }
 }
@@ -176,6 +192,8 @@ enum Api {
 
 /// A request ready for the engine.
 struct Prepared {
+    /// Function calling: the reply is parsed into `tool_calls`.
+    tools: Option<Tools>,
     input_ids: Vec<u32>,
     params: GenerationParams,
     stop: Vec<String>,
@@ -236,6 +254,7 @@ fn prepare(
     };
     let params = state.generation_params(input_ids.len(), &sampling)?;
     Ok(Prepared {
+        tools: None,
         input_ids,
         params,
         stop,
@@ -268,8 +287,21 @@ pub async fn chat_completions(
     let template = state.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; start the server with --chat-template FILE, or use /v1/completions")
     })?;
+    let tools = tools::parse(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        ToolFormat::of(template),
+    )?;
+    let (messages, pass_tools) = match &tools {
+        Some(t) => t.messages_for(template, messages),
+        None => (tools::history_as_text(template, messages), false),
+    };
     let prompt = template
-        .render(&messages, true)
+        .render_with_tools(
+            &messages,
+            tools.as_ref().filter(|_| pass_tools).map(|t| &t.specs[..]),
+            true,
+        )
         .map_err(|e| ApiError::param("messages", format!("{e:#}")))?;
     let ids = state
         .tokenizer
@@ -282,7 +314,40 @@ pub async fn chat_completions(
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let mut prepared = prepare(&state, &req.common, ids, max_tokens, logprobs)?;
     prepared.params.constraint = req.common.constraint(&state).await?;
+    if let Some(t) = &tools {
+        // Compiled in any case: a parameters schema that cannot be used is refused.
+        let calls = structured::compile(&state, t.grammar())
+            .await
+            .map_err(|e| ApiError::param("tools", e.message))?;
+        if t.enforced() {
+            if prepared.params.constraint.is_some() {
+                return Err(ApiError::param(
+                    "tool_choice",
+                    "a required or named tool_choice cannot be combined with response_format, regex or ebnf",
+                ));
+            }
+            prepared.params.constraint = Some(calls);
+        }
+    }
+    prepared.tools = tools;
     respond(state, prepared, Api::Chat, false).await
+}
+
+/// The assistant message of a finished chat choice, and its finish reason: with tools, the
+/// calls the reply makes go into `tool_calls`.
+fn chat_message(tools: Option<&Tools>, c: &Completion) -> (Value, &'static str) {
+    if let Some(t) = tools {
+        let (content, calls) = t.parse_reply(&c.text);
+        if !calls.is_empty() {
+            let message = json!({"role": "assistant", "content": content,
+                "tool_calls": tools::tool_calls_json(&calls)});
+            return (message, "tool_calls");
+        }
+    }
+    (
+        json!({"role": "assistant", "content": c.text}),
+        c.finish_reason,
+    )
 }
 
 pub async fn completions(
@@ -362,12 +427,15 @@ async fn respond(state: Shared, p: Prepared, api: Api, echo: bool) -> Result<Res
         .iter()
         .enumerate()
         .map(|(i, c)| match api {
-            Api::Chat => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": p.params.logprobs.map(|_| chat_logprobs(&state, &c.logprobs)),
-                "finish_reason": c.finish_reason,
-            }),
+            Api::Chat => {
+                let (message, finish_reason) = chat_message(p.tools.as_ref(), c);
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": p.params.logprobs.map(|_| chat_logprobs(&state, &c.logprobs)),
+                    "finish_reason": finish_reason,
+                })
+            }
             Api::Completion => json!({
                 "index": i,
                 "text": format!("{prompt_text}{}", c.text),
@@ -443,7 +511,8 @@ fn stream(
               text: Option<&str>,
               first: bool,
               logprobs: Option<Value>,
-              finish: Option<&str>| {
+              finish: Option<&str>,
+              tool_calls: Option<Value>| {
             let choice = match api {
                 Api::Chat => {
                     let mut delta = json!({});
@@ -452,6 +521,9 @@ fn stream(
                     }
                     if let Some(t) = text {
                         delta["content"] = json!(t);
+                    }
+                    if let Some(calls) = tool_calls {
+                        delta["tool_calls"] = calls;
                     }
                     json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
                 }
@@ -474,8 +546,9 @@ fn stream(
             let (state, tx, chunk) = (state.clone(), tx.clone(), chunk.clone());
             let mut params = p.params.clone();
             params.sampling.seed = params.sampling.seed.map(|s| s + index as u64);
-            let (ids, stop) = (p.input_ids.clone(), p.stop.clone());
+            let (ids, stop, tools) = (p.input_ids.clone(), p.stop.clone(), p.tools.clone());
             tasks.push(tokio::spawn(async move {
+                let mut calls = tools.as_ref().map(CallStream::new);
                 let mut events = match state.engine.submit(ids, params) {
                     Ok(e) => e,
                     Err(e) => {
@@ -512,13 +585,27 @@ fn stream(
                             return (count, cached);
                         }
                     };
-                    if !piece.is_empty() || lp.is_some() || first {
+                    let (mut piece, mut finish) = match calls.as_mut() {
+                        Some(c) => (c.push(&piece), finish),
+                        None => (piece, finish),
+                    };
+                    let mut found = None;
+                    if let (Some(_), Some(c)) = (finish, calls.take_if(|_| finish.is_some())) {
+                        let (rest, made) = c.finish();
+                        piece.push_str(&rest);
+                        if !made.is_empty() {
+                            found = Some(tools::tool_calls_json(&made));
+                            finish = Some("tool_calls");
+                        }
+                    }
+                    if !piece.is_empty() || lp.is_some() || first || found.is_some() {
                         let body = chunk(
                             index,
                             (!piece.is_empty()).then_some(piece.as_str()),
                             first,
                             lp,
                             None,
+                            found,
                         );
                         first = false;
                         if tx.send(body).await.is_err() {
@@ -526,7 +613,7 @@ fn stream(
                         }
                     }
                     if finish.is_some() {
-                        let _ = tx.send(chunk(index, None, false, None, finish)).await;
+                        let _ = tx.send(chunk(index, None, false, None, finish, None)).await;
                         return (count, cached);
                     }
                 }
