@@ -158,7 +158,8 @@ impl TokenizerEnv for Vocabulary {
 }
 
 /// JSON without free whitespace (`{"a": 1, "b": [2, 3]}`): a sampled reply cannot wander
-/// into endless spaces and newlines. Objects that list their properties get no others
+/// into endless spaces and newlines, nor numbers into endless digits ([`bound_numbers`]).
+/// Objects that list their properties get no others
 /// unless the schema says `additionalProperties` (xgrammar's strict mode, which SGLang and
 /// vLLM use): a reply that validates this way validates against the schema as written.
 /// A schema's own `x-guidance` options win.
@@ -187,6 +188,41 @@ fn compact_json(schema: &Value) -> Result<Value> {
     Ok(Value::Object(map))
 }
 
+/// Largest magnitude a JSON number takes unless its schema says otherwise (f64 holds every
+/// integer up to it exactly).
+const NUMBER_LIMIT: f64 = 1e15;
+
+/// Numbers without bounds or a step get sane ones: within ±[`NUMBER_LIMIT`], at most ten
+/// decimals. Otherwise a reply sampled at temperature 1 can run into endless digits (the
+/// grammar allows them) and never end; replies inside these limits still validate against
+/// the schema as written.
+fn bound_numbers(map: &mut serde_json::Map<String, Value>) {
+    let is_number = match map.get("type").and_then(Value::as_str) {
+        Some("number") => true,
+        Some("integer") => false,
+        _ => return,
+    };
+    let value = |key: &str| map.get(key).and_then(Value::as_f64);
+    let cap_max = !map.contains_key("maximum")
+        && !map.contains_key("exclusiveMaximum")
+        && value("minimum").is_none_or(|v| v < NUMBER_LIMIT)
+        && value("exclusiveMinimum").is_none_or(|v| v < NUMBER_LIMIT);
+    let cap_min = !map.contains_key("minimum")
+        && !map.contains_key("exclusiveMinimum")
+        && value("maximum").is_none_or(|v| v > -NUMBER_LIMIT)
+        && value("exclusiveMaximum").is_none_or(|v| v > -NUMBER_LIMIT);
+    let cap_decimals = is_number && !map.contains_key("multipleOf");
+    if cap_max {
+        map.insert("maximum".into(), json!(NUMBER_LIMIT));
+    }
+    if cap_min {
+        map.insert("minimum".into(), json!(-NUMBER_LIMIT));
+    }
+    if cap_decimals {
+        map.insert("multipleOf".into(), json!(1e-10));
+    }
+}
+
 /// Adds `"additionalProperties": false` to every subschema with `properties` and no word on
 /// other properties, following the keywords that hold subschemas (depth-limited: JSON
 /// bodies nest at most 128 deep anyway).
@@ -198,6 +234,7 @@ fn strict_objects(schema: &mut Value, depth: usize) {
     if map.get("properties").is_some_and(Value::is_object) {
         map.entry("additionalProperties").or_insert(json!(false));
     }
+    bound_numbers(map);
     for (key, value) in map.iter_mut() {
         match key.as_str() {
             "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" => {
@@ -484,6 +521,42 @@ mod tests {
              term: /[0-9]/+ | \"(\" expr \")\"\n\
              my-rule: \"a\\\"b\" /[^\"\\]\\/]/{1,3}"
         );
+    }
+
+    /// Listed properties become the only ones, unbounded numbers get bounds; what the
+    /// schema says itself, and allOf's parts, stay as written.
+    #[test]
+    fn schemas_are_tightened_only_where_silent() {
+        let s = compact_json(&json!({
+            "type": "object",
+            "properties": {
+                "a": {"type": "number"},
+                "b": {"type": "integer", "minimum": 3},
+                "c": {"type": "number", "maximum": -2e15, "multipleOf": 0.5},
+                "d": {"type": "array", "items": {"type": "object", "properties": {}}},
+                "e": {"type": "object", "properties": {}, "additionalProperties": true}
+            },
+            "allOf": [{"properties": {"x": {}}}]
+        }))
+        .unwrap();
+        let p = &s["properties"];
+        assert_eq!(s["additionalProperties"], json!(false));
+        assert_eq!(
+            p["a"],
+            json!({"type": "number", "minimum": -1e15, "maximum": 1e15, "multipleOf": 1e-10})
+        );
+        assert_eq!(
+            p["b"],
+            json!({"type": "integer", "minimum": 3, "maximum": 1e15})
+        );
+        assert_eq!(
+            p["c"],
+            json!({"type": "number", "maximum": -2e15, "multipleOf": 0.5})
+        );
+        assert_eq!(p["d"]["items"]["additionalProperties"], json!(false));
+        assert_eq!(p["e"]["additionalProperties"], json!(true));
+        assert_eq!(s["allOf"][0].get("additionalProperties"), None);
+        assert_eq!(s["x-guidance"]["whitespace_flexible"], json!(false));
     }
 
     #[test]

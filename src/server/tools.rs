@@ -82,12 +82,14 @@ pub fn parse(
             "auto" => ToolChoice::Auto,
             "none" => ToolChoice::None,
             "required" => ToolChoice::Required,
-            other => return Err(bad(
-                "tool_choice",
-                format!(
+            other => {
+                return Err(bad(
+                    "tool_choice",
+                    format!(
                     "tool_choice `{other}` is not one of auto, none, required, or a named function"
                 ),
-            )),
+                ))
+            }
         },
         Some(v) => {
             let name = v
