@@ -399,6 +399,29 @@ async fn bad_constraints_are_refused_naming_the_problem() {
         .as_str()
         .unwrap()
         .contains("json_schema"));
+    // A hostile schema (a megabyte of nested anyOf) is refused in well under a second.
+    let mut nested = json!({"type": "string"});
+    for _ in 0..9 {
+        nested = json!({"anyOf": [{"type": "array", "items": nested},
+            {"type": "object", "properties": {"a": nested, "b": nested}}]});
+    }
+    let started = std::time::Instant::now();
+    let (status, v) = post(
+        base,
+        "/v1/completions",
+        json!({"prompt": "hi",
+        "response_format": schema(nested)}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too large"),
+        "{v}"
+    );
+    assert!(started.elapsed().as_secs_f64() < 5.0);
     // The server goes on.
     let (status, _) = post(
         base,

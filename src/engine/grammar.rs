@@ -310,7 +310,7 @@ impl Constraint {
     /// per state. Never empty: a grammar that cannot go on is an error.
     pub fn allowed(&mut self) -> Result<&[u32]> {
         if self.mask.is_none() {
-            let mask = self.matcher.compute_mask_or_eos()?;
+            let mask = contained(|| self.matcher.compute_mask_or_eos())?;
             if mask.is_zero() {
                 bail!("the grammar allows no token here");
             }
@@ -327,13 +327,19 @@ impl Constraint {
     /// Moves past `token` (which must have been allowed).
     pub fn advance(&mut self, token: u32) -> Result<()> {
         self.mask = None;
-        self.matcher.consume_token(token)
+        contained(|| self.matcher.consume_token(token))
     }
 
     /// The grammar is complete: nothing more may follow.
     pub fn is_done(&self) -> bool {
         self.matcher.is_stopped()
     }
+}
+
+/// A grammar step whose panic fails its request (as an error), not the scheduler.
+fn contained<T>(step: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step))
+        .unwrap_or_else(|_| bail!("internal error in the grammar engine"))
 }
 
 /// Whether bit `id` of a mask is set.
