@@ -216,6 +216,17 @@ fn serve_under_mpirun_and_a_rank_that_dies() {
     assert_eq!(again["choices"][0]["message"]["content"], text, "{again}");
     assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 32);
 
+    // Constrained decoding: the token masks travel to rank 1 in the step plan over MPI, so
+    // every rank's candidates are allowed ones (a disallowed winner fails the request).
+    let constrained = r#"{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16,"temperature":0,"regex":"[A-Z][a-z]{2,8}( [a-z]{2,8}){0,2}"}"#;
+    let v: Value = serde_json::from_slice(&post_chat(port, constrained).stdout).unwrap();
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    let whole = regex::Regex::new("^[A-Z][a-z]{2,8}( [a-z]{2,8}){0,2}$").unwrap();
+    assert!(whole.is_match(text), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+
     // Rank 1 is the newest tpserve process of the job.
     let pattern = format!("^{} serve .*--port {port}", env!("CARGO_BIN_EXE_tpserve"));
     let pids = Command::new("pgrep")
