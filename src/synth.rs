@@ -2,8 +2,10 @@
 //! by tpserve and by llama.cpp, to measure speed at sizes the bundled 135M model cannot
 //! reach. Its text is noise; its timing is a real model's.
 
+use crate::engine::tokenizer::gpt2_byte_char;
 use crate::kernels::QuantType;
-use crate::loader::config::Architecture;
+use crate::layers::rotary::llama3_freq_factors;
+use crate::loader::config::{Architecture, RopeScaling};
 use crate::loader::gguf::{GgufFile, TensorType, Value};
 use crate::loader::gguf_write::{write_gguf, TensorDecl};
 use crate::loader::ModelConfig;
@@ -90,6 +92,7 @@ pub fn synth(
         Architecture::Llama | Architecture::Mistral => "llama",
         Architecture::Qwen2 => "qwen2",
         Architecture::Qwen3 => "qwen3",
+        Architecture::Phi3 => bail!("synth writes no Phi-3 layout (fused qkv and gate/up)"),
     };
     let tokenizer = match req.tokenizer_from {
         Some(path) => copied_tokenizer(path)?,
@@ -112,6 +115,10 @@ pub fn synth(
         ),
     ];
     let u32_of = |v: usize| Value::U32(v as u32);
+    let linear = match cfg.rope.scaling {
+        Some(RopeScaling::Linear(f)) => Some(f),
+        _ => None,
+    };
     for (key, value) in [
         ("context_length", u32_of(cfg.max_position_embeddings)),
         ("embedding_length", u32_of(cfg.hidden_size)),
@@ -127,6 +134,11 @@ pub fn synth(
             Value::F32(cfg.rms_norm_eps),
         ),
         ("rope.freq_base", Value::F32(cfg.rope.theta)),
+        (
+            "rope.scaling.type",
+            Value::String(linear.map_or("none", |_| "linear").into()),
+        ),
+        ("rope.scaling.factor", Value::F32(linear.unwrap_or(1.0))),
         ("vocab_size", u32_of(cfg.vocab_size)),
     ] {
         metadata.push((format!("{arch}.{key}"), value));
@@ -147,7 +159,7 @@ pub fn synth(
         &metadata,
         &decls,
         |i, buf| {
-            fill(kinds[i], buf, req.seed.wrapping_add(i as u64));
+            fill(&kinds[i], buf, req.seed.wrapping_add(i as u64));
             Ok(())
         },
         |i| progress(i + 1, total),
@@ -161,7 +173,7 @@ pub fn synth(
 }
 
 /// How a tensor's bytes are made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Fill {
     /// Norm weights: 1.0 in f32.
     Ones,
@@ -169,6 +181,8 @@ enum Fill {
     SmallF32,
     /// A weight matrix in this format, elements of standard deviation ~0.02.
     Weights(TensorType),
+    /// These f32 values (the rope frequency factors).
+    Values(Vec<f32>),
 }
 
 /// Every tensor of a llama.cpp model of `cfg`'s shapes, with how to fill it.
@@ -221,15 +235,37 @@ fn tensor_list(cfg: &ModelConfig, quant: SynthQuant) -> Vec<(TensorDecl, Fill)> 
         t.push(matrix(name("ffn_down.weight"), cfg.intermediate_size, h));
     }
     t.push(vector("output_norm.weight".into(), h, Fill::Ones));
+    if let Some(factors) = rope_freq_factors(cfg) {
+        t.push(vector(
+            "rope_freqs.weight".into(),
+            d / 2,
+            Fill::Values(factors),
+        ));
+    }
     if !cfg.tie_word_embeddings {
         t.push(matrix("output.weight".into(), h, cfg.vocab_size));
     }
     t
 }
 
-fn fill(kind: Fill, buf: &mut [u8], seed: u64) {
+/// The per-frequency factors llama.cpp's converter writes as `rope_freqs` for a scaling
+/// given per frequency (Llama 3's), so that llama.cpp and tpserve rotate alike.
+fn rope_freq_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    match &cfg.rope.scaling {
+        Some(RopeScaling::Llama3(s)) => Some(llama3_freq_factors(s, cfg.rope.theta, cfg.head_dim)),
+        Some(RopeScaling::FreqFactors(f)) => Some(f.clone()),
+        Some(RopeScaling::Linear(_)) | None => None,
+    }
+}
+
+fn fill(kind: &Fill, buf: &mut [u8], seed: u64) {
     let mut noise = StdRng::seed_from_u64(seed);
     match kind {
+        Fill::Values(values) => {
+            for (c, v) in buf.chunks_exact_mut(4).zip(values) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
         Fill::Ones => {
             for c in buf.chunks_exact_mut(4) {
                 c.copy_from_slice(&1.0f32.to_le_bytes());
@@ -313,29 +349,4 @@ fn byte_level_tokenizer(vocab_size: usize) -> Vec<(String, Value)> {
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(256)),
     ]
-}
-
-/// GPT-2's byte-to-character map: printable bytes stand for themselves, the others are
-/// moved to code points from 256 on.
-fn gpt2_byte_char(b: u8) -> char {
-    let printable = |c: u8| (b'!'..=b'~').contains(&c) || (0xa1..=0xac).contains(&c) || c >= 0xae;
-    if printable(b) {
-        return b as char;
-    }
-    let rank = (0..b).filter(|&c| !printable(c)).count() as u32;
-    char::from_u32(256 + rank).expect("a valid code point")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gpt2_byte_map_is_a_bijection_onto_its_known_range() {
-        let chars: std::collections::HashSet<char> = (0..=255u8).map(gpt2_byte_char).collect();
-        assert_eq!(chars.len(), 256);
-        assert_eq!(gpt2_byte_char(b' '), 'Ġ');
-        assert_eq!(gpt2_byte_char(b'\n'), 'Ċ');
-        assert_eq!(gpt2_byte_char(b'A'), 'A');
-    }
 }

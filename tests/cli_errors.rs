@@ -42,8 +42,8 @@ fn broken_model(
     name: &str,
     edit: impl FnOnce(&mut serde_json::Value),
     drop: Option<&str>,
-) -> tempdir::Dir {
-    let dir = tempdir::Dir::new(name);
+) -> common::tempdir::Dir {
+    let dir = common::tempdir::Dir::new(name);
     let src = common::fixture("tiny-llama");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
@@ -66,30 +66,9 @@ fn broken_model(
     dir
 }
 
-mod tempdir {
-    pub struct Dir(std::path::PathBuf);
-    impl Dir {
-        pub fn new(name: &str) -> Self {
-            let p =
-                std::env::temp_dir().join(format!("tpserve-test-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 #[test]
 fn missing_config_json() {
-    let dir = tempdir::Dir::new("empty");
+    let dir = common::tempdir::Dir::new("empty");
     assert_clean_failure(generate(dir.path(), &[]), &["config.json"]);
 }
 

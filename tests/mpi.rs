@@ -109,6 +109,7 @@ fn fixture_models_under_mpirun_match_their_references() {
         ("tiny-mha-uneven", 2),
         ("tiny-mistral-f16", 3),
         ("tiny-smollm-tok", 2),
+        ("tiny-phi3", 2),
     ] {
         let reference = common::reference(model);
         let tol = if reference.saved_dtype == "float32" {

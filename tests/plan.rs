@@ -50,6 +50,7 @@ fn planned_bytes_equal_the_engine_on_every_fixture_shape() {
         "tiny-qwen3",
         "tiny-mha-uneven",
         "tiny-mistral-f16",
+        "tiny-phi3",
     ] {
         check_against_engine(&common::fixture(model), &[1, 2, 3, 4]);
     }

@@ -8,7 +8,7 @@ use tpserve::engine::{self, GenerateRequest, SamplingParams};
 use tpserve::kernels::Phase;
 use tpserve::model::Logits;
 
-const MODELS: [&str; 8] = [
+const MODELS: [&str; 9] = [
     "tiny-llama",
     "tiny-llama-sharded",
     "tiny-llama3-bf16",
@@ -17,6 +17,7 @@ const MODELS: [&str; 8] = [
     "tiny-mha-uneven",
     "tiny-mistral-f16",
     "tiny-smollm-tok",
+    "tiny-phi3",
 ];
 
 struct Run {
@@ -141,6 +142,12 @@ fn tiny_smollm_large_vocab() {
     check_model("tiny-smollm-tok");
 }
 
+/// Phi-3: q/k/v and gate/up fused in the checkpoint; each rank reads its rows of each part.
+#[test]
+fn tiny_phi3_fused_projections() {
+    check_model("tiny-phi3");
+}
+
 #[test]
 fn every_fixture_is_covered() {
     let mut dirs: Vec<String> = std::fs::read_dir(fixture(""))
@@ -162,6 +169,7 @@ fn ranks_hold_their_share_of_the_weights() {
         "tiny-mha-uneven",
         "tiny-qwen2",
         "tiny-llama3-bf16",
+        "tiny-phi3",
     ] {
         let total = with_group(model, 1, 1, |d| d.weight_bytes_per_rank())[0];
         for tp in 2..=4 {

@@ -8,6 +8,7 @@ mod perplexity;
 mod plan;
 mod serve;
 mod synth;
+mod tokenize;
 
 use crate::model::{ForwardOptions, KvDtype};
 use clap::{Args, Parser, Subcommand};
@@ -67,6 +68,10 @@ pub enum Command {
     CommBench(comm_bench::CommBenchArgs),
     /// Write a GGUF model with a real model's shapes and random weights (for benchmarks).
     Synth(synth::SynthArgs),
+    /// Token ids of a text, with the model's tokenizer (GGUF or Hugging Face; no weights read).
+    Tokenize(tokenize::TokenizeArgs),
+    /// Text of token ids, with the model's tokenizer.
+    Detokenize(tokenize::DetokenizeArgs),
 }
 
 /// Runs a parsed command line.
@@ -80,5 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::CommBench(args) => comm_bench::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Tokenize(args) => tokenize::tokenize(args),
+        Command::Detokenize(args) => tokenize::detokenize(args),
     }
 }

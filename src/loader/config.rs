@@ -11,11 +11,13 @@ pub enum Architecture {
     Mistral,
     Qwen2,
     Qwen3,
+    /// Llama's layers with q/k/v and gate/up fused in the checkpoint.
+    Phi3,
 }
 
 impl Architecture {
     pub const SUPPORTED: &'static str =
-        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM";
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM";
 
     pub fn from_hf_name(name: &str) -> Option<Self> {
         match name {
@@ -23,6 +25,7 @@ impl Architecture {
             "MistralForCausalLM" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
             "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
+            "Phi3ForCausalLM" => Some(Architecture::Phi3),
             _ => None,
         }
     }
@@ -37,10 +40,22 @@ pub struct Llama3Scaling {
     pub original_max_position_embeddings: f32,
 }
 
+/// How the rotary frequencies are changed for contexts longer than the training one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1's frequency-dependent scaling, as a Hugging Face config gives it.
+    Llama3(Llama3Scaling),
+    /// Every frequency divided by one factor ("linear": positions interpolated).
+    Linear(f32),
+    /// Each frequency divided by its own factor: GGUF's `rope_freqs` tensor, the form in
+    /// which llama.cpp's converter stores Llama 3's scaling.
+    FreqFactors(Vec<f32>),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
     pub theta: f32,
-    pub llama3: Option<Llama3Scaling>,
+    pub scaling: Option<RopeScaling>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +76,8 @@ pub struct ModelConfig {
     /// Qwen3: RMSNorm over each q and k head before the rotary embedding.
     pub qk_norm: bool,
     pub max_position_embeddings: usize,
+    /// Sliding-window attention (Mistral): each token sees only this many positions.
+    pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -140,10 +157,18 @@ impl ModelConfig {
                     .and_then(Value::as_f64)
             })
             .unwrap_or(10000.0) as f32;
-        let llama3 = match scaling {
+        let scaling = match scaling {
             Some(s) => parse_rope_scaling(s)?,
             None => None,
         };
+        let partial_rotary = json
+            .get("partial_rotary_factor")
+            .or_else(|| rope_params.and_then(|p| p.get("partial_rotary_factor")))
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
+        if partial_rotary != 1.0 {
+            bail!("partial_rotary_factor {partial_rotary}: partial rotary embeddings are not supported");
+        }
         let eps = json
             .get("rms_norm_eps")
             .and_then(Value::as_f64)
@@ -158,7 +183,7 @@ impl ModelConfig {
             head_dim,
             vocab_size: usize_field("vocab_size")?,
             rms_norm_eps: eps,
-            rope: RopeConfig { theta, llama3 },
+            rope: RopeConfig { theta, scaling },
             tie_word_embeddings: json
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
@@ -167,6 +192,7 @@ impl ModelConfig {
                 || json.get("attention_bias").and_then(Value::as_bool) == Some(true),
             qk_norm: architecture == Architecture::Qwen3,
             max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(4096),
+            sliding_window: sliding_window(json, architecture)?,
             bos_token_id: token_ids(json.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(json.get("eos_token_id")),
         })
@@ -179,31 +205,54 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(s: &Value) -> Result<Option<Llama3Scaling>> {
+fn parse_rope_scaling(s: &Value) -> Result<Option<RopeScaling>> {
     let kind = s
         .get("rope_type")
         .or_else(|| s.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
+    let f = |k: &str| {
+        s.get(k)
+            .and_then(Value::as_f64)
+            .map(|v| v as f32)
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| anyhow!("{kind} rope scaling needs a positive `{k}`"))
+    };
     match kind {
         "default" => Ok(None),
-        "llama3" => {
-            let f = |k: &str| {
-                s.get(k)
-                    .and_then(Value::as_f64)
-                    .map(|v| v as f32)
-                    .ok_or_else(|| anyhow!("llama3 rope scaling needs `{k}`"))
-            };
-            Ok(Some(Llama3Scaling {
-                factor: f("factor")?,
-                low_freq_factor: f("low_freq_factor")?,
-                high_freq_factor: f("high_freq_factor")?,
-                original_max_position_embeddings: f("original_max_position_embeddings")?,
-            }))
-        }
-        other => {
-            bail!("unsupported rope scaling type `{other}`: tpserve supports default and llama3")
-        }
+        "linear" => Ok(Some(RopeScaling::Linear(f("factor")?))),
+        "llama3" => Ok(Some(RopeScaling::Llama3(Llama3Scaling {
+            factor: f("factor")?,
+            low_freq_factor: f("low_freq_factor")?,
+            high_freq_factor: f("high_freq_factor")?,
+            original_max_position_embeddings: f("original_max_position_embeddings")?,
+        }))),
+        other => bail!(
+            "unsupported rope scaling type `{other}`: tpserve supports default, linear and llama3"
+        ),
+    }
+}
+
+/// The attention window of a config: Mistral's and Phi-3's `sliding_window` applies to
+/// every layer;
+/// Qwen2's only to some (`max_window_layers`), which tpserve refuses rather than ignores.
+fn sliding_window(json: &Value, architecture: Architecture) -> Result<Option<usize>> {
+    let window = json
+        .get("sliding_window")
+        .and_then(Value::as_u64)
+        .filter(|&w| w > 0);
+    let used = json
+        .get("use_sliding_window")
+        .and_then(Value::as_bool)
+        .unwrap_or(architecture != Architecture::Qwen2);
+    let every_layer = matches!(architecture, Architecture::Mistral | Architecture::Phi3);
+    match (window, used) {
+        (Some(w), true) if every_layer => Ok(Some(w as usize)),
+        (Some(w), true) => bail!(
+            "this config uses a sliding window of {w} on some layers (use_sliding_window), \
+             which tpserve does not run"
+        ),
+        _ => Ok(None),
     }
 }
 

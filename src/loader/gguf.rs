@@ -5,7 +5,7 @@
 //! Tensors are exposed under the Hugging Face names the model code asks for, in PyTorch
 //! dimension order (GGUF lists dimensions innermost first).
 
-use super::config::{Architecture, ModelConfig, RopeConfig};
+use super::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 use super::TensorSource;
 use crate::kernels::{QuantType, Storage};
 use anyhow::{anyhow, bail, Context, Result};
@@ -387,8 +387,9 @@ impl GgufFile {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
+            "phi3" => Architecture::Phi3,
             other => bail!(
-                "unsupported GGUF architecture `{other}`: tpserve runs llama, qwen2 and qwen3"
+                "unsupported GGUF architecture `{other}`: tpserve runs llama, qwen2, qwen3 and phi3"
             ),
         };
         let num = |key: &str| -> Result<usize> {
@@ -439,20 +440,70 @@ impl GgufFile {
             rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
             rope: RopeConfig {
                 theta: float("rope.freq_base", 10000.0),
-                llama3: None,
+                scaling: self.rope_scaling(arch_name, head_dim)?,
             },
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
             qkv_bias: self.tensors.contains_key("blk.0.attn_q.bias"),
             qk_norm: self.tensors.contains_key("blk.0.attn_q_norm.weight"),
             max_position_embeddings: num("context_length").unwrap_or(4096),
+            sliding_window: num("attention.sliding_window").ok().filter(|&w| w > 0),
             bos_token_id: token_id("bos_token_id"),
             eos_token_ids,
         })
     }
 }
 
+impl GgufFile {
+    /// llama.cpp's rope scaling keys and `rope_freqs` tensor; what tpserve cannot honour
+    /// (YaRN, partial rotary dimensions) is refused rather than run with wrong angles.
+    fn rope_scaling(&self, arch: &str, head_dim: usize) -> Result<Option<RopeScaling>> {
+        let key = |k: &str| self.meta(&format!("{arch}.{k}"));
+        if let Some(dims) = key("rope.dimension_count").and_then(Value::as_u64) {
+            if dims as usize != head_dim {
+                bail!(
+                    "{arch}.rope.dimension_count is {dims} but heads are {head_dim} wide: \
+                     partial rotary embeddings are not supported"
+                );
+            }
+        }
+        let kind = key("rope.scaling.type").and_then(Value::as_str);
+        let factor = key("rope.scaling.factor").and_then(Value::as_f64);
+        let scaling = match (kind, factor) {
+            (None | Some("none"), _) => None,
+            (Some("linear"), Some(f)) if f > 0.0 && f.is_finite() => {
+                (f != 1.0).then_some(RopeScaling::Linear(f as f32))
+            }
+            (Some(other), _) => bail!(
+                "{arch}.rope.scaling.type `{other}` (factor {factor:?}) is not supported: \
+                 tpserve runs no, linear and Llama 3 (rope_freqs) scaling"
+            ),
+        };
+        if self.tensors.contains_key("rope_factors_long.weight") {
+            bail!("this file uses LongRoPE (rope_factors_long), which tpserve does not run");
+        }
+        let Some(t) = self.tensors.get("rope_freqs.weight") else {
+            return Ok(scaling);
+        };
+        if scaling.is_some() {
+            bail!("the file has both {arch}.rope.scaling.type and a rope_freqs tensor");
+        }
+        if t.shape != [head_dim / 2] {
+            bail!(
+                "rope_freqs.weight has shape {:?}, expected [{}] (half the head width)",
+                t.shape,
+                head_dim / 2
+            );
+        }
+        let factors = self.dequantize_row("rope_freqs.weight", 0)?;
+        if factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            bail!("rope_freqs.weight holds a factor that is not a positive number");
+        }
+        Ok(Some(RopeScaling::FreqFactors(factors)))
+    }
+}
+
 /// The GGUF name of a Hugging Face tensor name.
-fn gguf_name(hf: &str) -> Option<String> {
+pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -471,11 +522,14 @@ fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
+        "self_attn.qkv_proj" => "attn_qkv",
         "self_attn.o_proj" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
+        // Phi-3 keeps gate and up fused, under ffn_up.
+        "mlp.gate_up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         _ => return None,
     };
@@ -572,7 +626,7 @@ impl TensorSource for GgufSource {
 /// The `tokenizer.ggml.*` metadata: enough to rebuild the model's tokenizer.
 #[derive(Debug, Clone)]
 pub struct GgufTokenizer {
-    /// `tokenizer.ggml.model`: "gpt2" is byte-level BPE.
+    /// `tokenizer.ggml.model`: "gpt2" is byte-level BPE, "llama" SentencePiece.
     pub model: String,
     /// `tokenizer.ggml.pre`: the pre-tokenizer variant (e.g. "smollm").
     pub pre: Option<String>,
@@ -580,8 +634,14 @@ pub struct GgufTokenizer {
     /// llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
     pub token_types: Vec<i32>,
     pub merges: Vec<String>,
+    /// SentencePiece: each token's score (higher merges first).
+    pub scores: Vec<f32>,
     pub bos_id: Option<u32>,
-    pub add_bos: bool,
+    pub unk_id: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token`; absent, the tokenizer kind decides (as llama.cpp).
+    pub add_bos: Option<bool>,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece's leading `▁`).
+    pub add_space_prefix: Option<bool>,
     pub chat_template: Option<String>,
 }
 
@@ -629,6 +689,34 @@ impl GgufTokenizer {
                 tokens.len()
             );
         }
+        let scores = match file.meta("tokenizer.ggml.scores") {
+            None => vec![],
+            Some(v) => v
+                .as_array()
+                .ok_or_else(|| anyhow!("tokenizer.ggml.scores is not an array"))?
+                .iter()
+                .map(|x| {
+                    x.as_f64()
+                        .map(|x| x as f32)
+                        .ok_or_else(|| anyhow!("tokenizer.ggml.scores holds a non-number"))
+                })
+                .collect::<Result<_>>()?,
+        };
+        if !scores.is_empty() && scores.len() != tokens.len() {
+            bail!(
+                "tokenizer.ggml.scores has {} entries but there are {} tokens",
+                scores.len(),
+                tokens.len()
+            );
+        }
+        let id = |key: &str| -> Result<Option<u32>> {
+            match file.meta(key).map(|v| v.as_u64()) {
+                None => Ok(None),
+                Some(Some(id)) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
+                Some(_) => bail!("{key} is not a token id below {}", tokens.len()),
+            }
+        };
+        let flag = |key: &str| file.meta(key).and_then(Value::as_bool);
         Ok(Some(GgufTokenizer {
             model: model.to_owned(),
             pre: file
@@ -636,14 +724,11 @@ impl GgufTokenizer {
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             merges: strings("tokenizer.ggml.merges")?,
-            bos_id: file
-                .meta("tokenizer.ggml.bos_token_id")
-                .and_then(Value::as_u64)
-                .map(|v| v as u32),
-            add_bos: file
-                .meta("tokenizer.ggml.add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            scores,
+            bos_id: id("tokenizer.ggml.bos_token_id")?,
+            unk_id: id("tokenizer.ggml.unknown_token_id")?,
+            add_bos: flag("tokenizer.ggml.add_bos_token"),
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
             chat_template: file
                 .meta("tokenizer.chat_template")
                 .and_then(Value::as_str)

@@ -5,6 +5,7 @@
 //! materialises the whole model.
 
 pub mod config;
+pub mod fused;
 pub mod gguf;
 pub mod gguf_write;
 pub mod safetensors;
@@ -109,6 +110,29 @@ pub enum TokenizerSpec {
     Gguf(gguf::GgufTokenizer),
 }
 
+/// The tokenizer alone of a model path: a GGUF file (a vocabulary-only one too), a
+/// Hugging Face folder, or a `tokenizer.json`; no weights are read.
+pub fn open_tokenizer(path: &Path) -> Result<TokenizerSpec> {
+    if path.is_dir() {
+        let json = path.join("tokenizer.json");
+        if !json.exists() {
+            bail!("{} has no tokenizer.json", path.display());
+        }
+        return Ok(TokenizerSpec::Json(json));
+    }
+    if !path.exists() {
+        bail!("model path {} does not exist", path.display());
+    }
+    if path.extension().is_some_and(|e| e == "json") {
+        return Ok(TokenizerSpec::Json(path.to_owned()));
+    }
+    let file = gguf::GgufFile::open(path)?;
+    gguf::GgufTokenizer::from_metadata(&file)
+        .with_context(|| format!("reading the tokenizer of {}", path.display()))?
+        .map(TokenizerSpec::Gguf)
+        .ok_or_else(|| anyhow::anyhow!("{} holds no tokenizer", path.display()))
+}
+
 /// A chat template's Jinja source and the special-token strings templates refer to.
 #[derive(Debug, Clone)]
 pub struct ChatTemplateSpec {
@@ -150,7 +174,7 @@ pub fn open_model(path: &Path) -> Result<ModelFiles> {
             })
         });
         return Ok(ModelFiles {
-            tensors: Box::new(gguf::GgufSource::new(file, &config)),
+            tensors: with_fused_parts(Box::new(gguf::GgufSource::new(file, &config)), &config),
             config,
             tokenizer: tokenizer.map(TokenizerSpec::Gguf),
             chat_template,
@@ -160,11 +184,19 @@ pub fn open_model(path: &Path) -> Result<ModelFiles> {
     let tensors = safetensors::SafetensorsSource::open(path)?;
     let tokenizer = path.join("tokenizer.json");
     Ok(ModelFiles {
+        tensors: with_fused_parts(Box::new(tensors), &config),
         config,
-        tensors: Box::new(tensors),
         tokenizer: tokenizer.exists().then_some(TokenizerSpec::Json(tokenizer)),
         chat_template: hf_chat_template(path)?,
     })
+}
+
+/// Architectures whose checkpoints fuse projections are read through [`fused::FusedParts`].
+fn with_fused_parts(tensors: Box<dyn TensorSource>, cfg: &ModelConfig) -> Box<dyn TensorSource> {
+    match cfg.architecture {
+        Architecture::Phi3 => Box::new(fused::FusedParts::phi3(tensors, cfg)),
+        _ => tensors,
+    }
 }
 
 /// The chat template of a Hugging Face folder: `chat_template.jinja`, or the

@@ -503,6 +503,7 @@ impl Model {
                 seq_of: &s.seq_of,
                 score_at: &s.score_at,
                 block_size: kv.block_size(),
+                window: self.cfg.sliding_window,
             };
             let (qkv, scores, attn) = (&s.qkv, &mut s.scores, &mut s.attn);
             let threads = &self.threads;
@@ -585,6 +586,8 @@ struct Batch<'a> {
     /// Each token's place in the scores buffer.
     score_at: &'a [usize],
     block_size: usize,
+    /// Sliding-window attention: a token sees only the last `window` positions.
+    window: Option<usize>,
 }
 
 /// Causal attention of every token of the step over its own sequence's cached positions,
@@ -623,9 +626,13 @@ fn attend<'a, T: KvElem>(
             let q = |i: usize| &qkv[t * qkv_width + i * d..t * qkv_width + (i + 1) * d];
             let sharing = heads.local_q_for(k);
             let first = batch.score_at[t] + sharing.start * seen;
+            // Positions before `lo` are outside the window: their blocks are not read,
+            // and in the block holding `lo` they weigh exactly zero.
+            let lo = batch.window.map_or(0, |w| seen.saturating_sub(w));
+            let first_block = lo / bs;
             // SAFETY: unit u's heads, their scores and outputs, belong to one thread only.
             let sc = unsafe { scores.range(first..first + sharing.len() * seen) };
-            for b in 0..blocks.len() {
+            for b in first_block..blocks.len() {
                 let (at, keys) = rows(keys, b);
                 for (h, i) in sharing.clone().enumerate() {
                     let out = &mut sc[h * seen + at.start..h * seen + at.end];
@@ -633,11 +640,13 @@ fn attend<'a, T: KvElem>(
                 }
             }
             for (h, i) in sharing.clone().enumerate() {
-                ops::softmax_in_place(&mut sc[h * seen..(h + 1) * seen]);
+                let head_scores = &mut sc[h * seen + first_block * bs..(h + 1) * seen];
+                head_scores[..lo - first_block * bs].fill(f32::NEG_INFINITY);
+                ops::softmax_in_place(head_scores);
                 // SAFETY: as above.
                 unsafe { out.chunk(t * nq + i) }.fill(0.0);
             }
-            for b in 0..blocks.len() {
+            for b in first_block..blocks.len() {
                 let (at, values) = rows(values, b);
                 for (h, i) in sharing.clone().enumerate() {
                     let weights = &sc[h * seen + at.start..h * seen + at.end];

@@ -73,7 +73,19 @@ pub fn with_group_kv<T: Send>(
     kv_dtype: KvDtype,
     f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
 ) -> T {
-    let files = loader::open_model(&fixture(model)).unwrap();
+    with_model_path(&fixture(model), tp, threads, kv_capacity, kv_dtype, f)
+}
+
+/// As [`with_group_kv`], for a model at any path.
+pub fn with_model_path<T: Send>(
+    path: &std::path::Path,
+    tp: usize,
+    threads: usize,
+    kv_capacity: usize,
+    kv_dtype: KvDtype,
+    f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
+) -> T {
+    let files = loader::open_model(path).unwrap();
     let mut opts = GroupOptions::single_sequence(tp, Some(threads), kv_capacity);
     opts.forward.kv_dtype = kv_dtype;
     engine::run_local(files.tensors.as_ref(), &files.config, &opts, f).unwrap()
@@ -185,4 +197,26 @@ pub fn alone_and_batched(
 /// Each value's bits, to compare logits exactly.
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A fresh folder under the system temp dir, removed when dropped.
+pub mod tempdir {
+    pub struct Dir(std::path::PathBuf);
+    impl Dir {
+        pub fn new(name: &str) -> Self {
+            let p =
+                std::env::temp_dir().join(format!("tpserve-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }

@@ -4,18 +4,22 @@
 use crate::loader::gguf::GgufTokenizer;
 use crate::loader::TokenizerSpec;
 use anyhow::{anyhow, bail, Result};
+use std::collections::HashMap;
 use std::path::Path;
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+mod gguf;
+mod pretokenizers;
+
+pub use gguf::gpt2_byte_char;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Prepended by us, not by the tokenizer (GGUF's add_bos_token).
     bos: Option<u32>,
+    /// Bytes the vocabulary cannot write (a byte-level vocabulary short of some).
+    missing_bytes: Vec<u8>,
+    /// Tokens decoded as their text, not through the decoder (GGUF user-defined ones).
+    literal_pieces: HashMap<u32, String>,
 }
 
 impl Tokenizer {
@@ -29,69 +33,45 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-        Ok(Tokenizer { inner, bos: None })
-    }
-
-    /// Byte-level BPE ("gpt2" in llama.cpp's terms) from the vocabulary and merges.
-    pub fn from_gguf(t: &GgufTokenizer) -> Result<Self> {
-        if t.model != "gpt2" {
-            bail!(
-                "GGUF tokenizer model `{}` is not supported yet (tpserve reads byte-level BPE, \"gpt2\")",
-                t.model
-            );
-        }
-        let vocab: tokenizers::models::bpe::Vocab = t
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.clone(), i as u32))
-            .collect();
-        let merges = t
-            .merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| {
-                        anyhow!("BPE merge {m:?} is not two tokens separated by a space")
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| anyhow!("cannot build the BPE model: {e}"))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre: PreTokenizerWrapper = match t.pre.as_deref() {
-            // SmolLM splits digits one by one before GPT-2's byte-level split.
-            Some("smollm") => {
-                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-            }
-            _ => byte_level.into(),
-        };
-        inner.with_pre_tokenizer(Some(pre));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control and user-defined tokens (<|im_start|> …) match as whole tokens in text.
-        let special: Vec<AddedToken> = t
-            .tokens
-            .iter()
-            .zip(&t.token_types)
-            .filter(|(_, &ty)| ty == 3 || ty == 4)
-            .map(|(s, _)| AddedToken::from(s.clone(), true))
-            .collect();
-        inner
-            .add_special_tokens(special)
-            .map_err(|e| anyhow!("cannot register the special tokens: {e}"))?;
         Ok(Tokenizer {
             inner,
-            bos: t.bos_id.filter(|_| t.add_bos),
+            bos: None,
+            missing_bytes: vec![],
+            literal_pieces: HashMap::new(),
         })
+    }
+
+    /// The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(t: &GgufTokenizer) -> Result<Self> {
+        let built = gguf::build(t)?;
+        Ok(Tokenizer {
+            inner: built.inner,
+            bos: built.bos,
+            missing_bytes: built.missing_bytes,
+            literal_pieces: built.literal_pieces,
+        })
+    }
+
+    /// Whether text that spells a control token (`<|im_start|>`, `<s>` …) is read as
+    /// that token (the default) or as ordinary text (llama.cpp's `parse_special = false`).
+    pub fn set_parse_special(&mut self, parse: bool) {
+        self.inner.set_encode_special_tokens(!parse);
+    }
+
+    /// Text in a byte this vocabulary lacks would lose characters without a word.
+    fn check_writable(&self, text: &str) -> Result<()> {
+        match text.bytes().find(|b| self.missing_bytes.contains(b)) {
+            Some(b) => bail!(
+                "the text holds the byte 0x{b:02X}, which this model's vocabulary cannot write"
+            ),
+            None => Ok(()),
+        }
     }
 
     /// Ids of `text`, with the special tokens the tokenizer adds (as transformers'
     /// `tokenizer(text)` does, or llama.cpp's add_bos_token).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_writable(text)?;
         let enc = self
             .inner
             .encode(text, true)
@@ -105,11 +85,17 @@ impl Tokenizer {
 
     /// Ids of `text` without any special tokens added (scoring a text).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_writable(text)?;
         let enc = self
             .inner
             .encode(text, false)
             .map_err(|e| anyhow!("cannot tokenize the text: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokens in the vocabulary, special and added ones included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
     }
 
     /// The BOS token the model asks to be prepended, if any.
@@ -120,6 +106,7 @@ impl Tokenizer {
     /// Ids of a rendered chat prompt: the template writes the special tokens itself, so
     /// none are added, except a BOS the model asks for that the template left out.
     pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_writable(text)?;
         let enc = self
             .inner
             .encode(text, false)
@@ -164,6 +151,24 @@ impl Tokenizer {
 
     /// Text of `ids`; special tokens (<|im_end|> …) are written out unless skipped.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        let literal = |id: &u32| self.literal_pieces.get(id);
+        if !ids.iter().any(|id| literal(id).is_some()) {
+            return self.decode_run(ids, skip_special);
+        }
+        let mut text = String::new();
+        for run in ids.chunk_by(|a, b| literal(a).is_some() == literal(b).is_some()) {
+            match literal(&run[0]) {
+                Some(_) => run
+                    .iter()
+                    .filter_map(literal)
+                    .for_each(|p| text.push_str(p)),
+                None => text.push_str(&self.decode_run(run, skip_special)?),
+            }
+        }
+        Ok(text)
+    }
+
+    fn decode_run(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
             .map_err(|e| anyhow!("cannot decode token ids: {e}"))
