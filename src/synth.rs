@@ -18,45 +18,104 @@ use std::path::Path;
 /// Weight formats a synthetic model can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SynthQuant {
-    Q4_0,
-    Q8_0,
-    /// Q4_K, with attn_v and ffn_down in Q6_K (as llama.cpp's Q4_K_M mix has them).
-    Q4KM,
+    /// Every matrix in one block format.
+    Uniform(QuantType),
+    /// llama.cpp's *_K_M mixes: `main`, with attn_v and ffn_down in `sensitive`.
+    KMix {
+        main: QuantType,
+        sensitive: QuantType,
+    },
     Bf16,
 }
 
+/// The names `--quant` takes, with their formats.
+const NAMES: [(&str, SynthQuant); 16] = {
+    use QuantType::*;
+    use SynthQuant::{KMix, Uniform};
+    [
+        ("q4_0", Uniform(Q4_0)),
+        ("q4_1", Uniform(Q4_1)),
+        ("q5_0", Uniform(Q5_0)),
+        ("q5_1", Uniform(Q5_1)),
+        ("q8_0", Uniform(Q8_0)),
+        ("q2_k", Uniform(Q2K)),
+        ("q3_k", Uniform(Q3K)),
+        ("q4_k", Uniform(Q4K)),
+        ("q5_k", Uniform(Q5K)),
+        ("q6_k", Uniform(Q6K)),
+        ("iq4_nl", Uniform(IQ4NL)),
+        ("iq4_xs", Uniform(IQ4XS)),
+        (
+            "q3_k_m",
+            KMix {
+                main: Q3K,
+                sensitive: Q5K,
+            },
+        ),
+        (
+            "q4_k_m",
+            KMix {
+                main: Q4K,
+                sensitive: Q6K,
+            },
+        ),
+        (
+            "q5_k_m",
+            KMix {
+                main: Q5K,
+                sensitive: Q6K,
+            },
+        ),
+        ("bf16", SynthQuant::Bf16),
+    ]
+};
+
 impl SynthQuant {
     pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "q4_0" => SynthQuant::Q4_0,
-            "q8_0" => SynthQuant::Q8_0,
-            "q4_k_m" => SynthQuant::Q4KM,
-            "bf16" => SynthQuant::Bf16,
-            other => bail!("--quant {other} is not one of q4_0, q8_0, q4_k_m, bf16"),
-        })
+        let s = s.to_ascii_lowercase();
+        match NAMES.iter().find(|(name, _)| *name == s) {
+            Some((_, q)) => Ok(*q),
+            None => {
+                let names: Vec<&str> = NAMES.iter().map(|(n, _)| *n).collect();
+                bail!("--quant {s} is not one of {}", names.join(", "))
+            }
+        }
     }
 
     /// The GGUF tensor format of the weight matrix `name`.
     fn tensor_type(self, name: &str) -> TensorType {
         match self {
-            SynthQuant::Q4_0 => TensorType::Quant(QuantType::Q4_0),
-            SynthQuant::Q8_0 => TensorType::Quant(QuantType::Q8_0),
-            SynthQuant::Q4KM
-                if name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight") =>
-            {
-                TensorType::Quant(QuantType::Q6K)
+            SynthQuant::Uniform(q) => TensorType::Quant(q),
+            SynthQuant::KMix { main, sensitive } => {
+                let is_sensitive =
+                    name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight");
+                TensorType::Quant(if is_sensitive { sensitive } else { main })
             }
-            SynthQuant::Q4KM => TensorType::Quant(QuantType::Q4K),
             SynthQuant::Bf16 => TensorType::BF16,
         }
     }
 
-    /// llama.cpp's `general.file_type` for a file mostly in this format.
+    /// llama.cpp's `general.file_type` (its `llama_ftype`) for a file in this format.
     fn file_type(self) -> u32 {
+        use QuantType::*;
         match self {
-            SynthQuant::Q4_0 => 2,
-            SynthQuant::Q8_0 => 7,
-            SynthQuant::Q4KM => 15,
+            SynthQuant::Uniform(q) => match q {
+                Q4_0 => 2,
+                Q4_1 => 3,
+                Q8_0 => 7,
+                Q5_0 => 8,
+                Q5_1 => 9,
+                Q2K => 10,
+                Q3K => 11,
+                Q4K => 14,
+                Q5K => 16,
+                Q6K => 18,
+                IQ4NL => 25,
+                IQ4XS => 30,
+            },
+            SynthQuant::KMix { main: Q3K, .. } => 12,
+            SynthQuant::KMix { main: Q5K, .. } => 17,
+            SynthQuant::KMix { .. } => 15,
             SynthQuant::Bf16 => 32,
         }
     }
@@ -248,6 +307,34 @@ fn tensor_list(cfg: &ModelConfig, quant: SynthQuant) -> Vec<(TensorDecl, Fill)> 
     t
 }
 
+/// A block's f16 fields (scale, then min where the format has one) for random codes to
+/// give weights of standard deviation ~0.02 around 0: 0.02 / (code sd × scale-code mean
+/// or sd); a min of (mean code) × scale cancels the codes' mean.
+fn weight_scales(ty: QuantType) -> (f32, f32) {
+    use QuantType::*;
+    let d = match ty {
+        Q4_0 | Q4_1 => 0.02 / 4.6,
+        Q5_0 | Q5_1 => 0.02 / 9.2,
+        Q8_0 => 0.02 / 73.0,
+        IQ4NL => 0.02 / 70.0,
+        Q2K => 0.02 / (7.5 * 1.1),
+        Q3K => 0.02 / (18.5 * 2.3),
+        Q4K => 0.02 / (31.5 * 4.6),
+        Q5K => 0.02 / (31.5 * 9.2),
+        Q6K => 0.02 / (18.5 * 74.0),
+        IQ4XS => 0.02 / (18.5 * 70.0),
+    };
+    let mean_code = match ty {
+        Q4_1 => -7.5,
+        Q5_1 => -15.5,
+        Q2K => 1.5,
+        Q4K => 7.5,
+        Q5K => 15.5,
+        _ => 0.0,
+    };
+    (d, mean_code * d)
+}
+
 /// The per-frequency factors llama.cpp's converter writes as `rope_freqs` for a scaling
 /// given per frequency (Llama 3's), so that llama.cpp and tpserve rotate alike.
 fn rope_freq_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
@@ -278,21 +365,11 @@ fn fill(kind: &Fill, buf: &mut [u8], seed: u64) {
         }
         Fill::Weights(TensorType::Quant(ty)) => {
             noise.fill_bytes(buf);
+            let (d, dmin) = weight_scales(*ty);
             for b in buf.chunks_exact_mut(ty.block_bytes()) {
                 let jitter = noise.random_range(0.75f32..1.25);
-                let f16_bytes = |v: f32| f16::from_f32(v * jitter).to_le_bytes();
-                match ty {
-                    // Codes 0..15 (sd 4.6) times 6-bit scales (mean 31.5), less 6-bit mins
-                    // times dmin: around 0.
-                    QuantType::Q4K => {
-                        b[..2].copy_from_slice(&f16_bytes(0.02 / (31.5 * 4.6)));
-                        b[2..4].copy_from_slice(&f16_bytes(7.5 * 0.02 / (31.5 * 4.6)));
-                    }
-                    // Codes −32..31 (sd 18.5) times 8-bit scales (sd 74).
-                    QuantType::Q6K => b[208..].copy_from_slice(&f16_bytes(0.02 / (18.5 * 74.0))),
-                    // Uniform codes have a standard deviation of 4.6 (Q4_0) or 73 (Q8_0) steps.
-                    QuantType::Q4_0 => b[..2].copy_from_slice(&f16_bytes(0.02 / 4.6)),
-                    _ => b[..2].copy_from_slice(&f16_bytes(0.02 / 73.0)),
+                for (&at, v) in ty.f16_fields().iter().zip([d, dmin]) {
+                    b[at..at + 2].copy_from_slice(&f16::from_f32(v * jitter).to_le_bytes());
                 }
             }
         }

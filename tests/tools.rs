@@ -138,11 +138,8 @@ fn synthetic_models_load_and_split_like_real_ones() {
     let dir = tempdir();
     for fixture in ["tiny-qwen2", "tiny-llama"] {
         let cfg = ModelConfig::from_hf_dir(&common::fixture(fixture)).unwrap();
-        for (quant, name) in [
-            (SynthQuant::Q4_0, "q4_0"),
-            (SynthQuant::Q8_0, "q8_0"),
-            (SynthQuant::Bf16, "bf16"),
-        ] {
+        for name in ["q4_0", "q8_0", "q5_1", "bf16"] {
+            let quant = SynthQuant::parse(name).unwrap();
             let path = dir.join(format!("{fixture}-{name}.gguf"));
             let req = SynthRequest {
                 name: fixture,
@@ -207,22 +204,32 @@ fn synthetic_models_load_and_split_like_real_ones() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A synthetic Q4_K_M model (Q4_K matrices, attn_v and ffn_down in Q6_K, so the fused q/k/v
-/// rows mix formats): it loads, tp 2 and tp 4 give tp 1's logits bit for bit, and a sequence
-/// decoded alone gives the logits it gets among 12 others (the K-quant kernels take one
-/// token or a tile of several, with the same bits).
+/// Synthetic models in every block format tpserve reads (Q4_K_M: Q4_K matrices with
+/// attn_v and ffn_down in Q6_K, so the fused q/k/v rows mix formats; Q5_0 and IQ4_NL
+/// re-encoded as Q8_0; Q5_1 on f32 rows): each loads, tp 2 and tp 4 give tp 1's logits
+/// bit for bit, and a sequence decoded alone gives the logits it gets among 12 others
+/// (the kernels take one token or a tile of several, with the same bits).
 #[test]
-fn k_quant_models_load_and_are_exact_across_tp_and_batch() {
+fn quantized_models_load_and_are_exact_across_tp_and_batch() {
     let dir = tempdir();
+    for quant in [
+        "q4_k_m", "q5_k_m", "q3_k_m", "q2_k", "iq4_xs", "q5_0", "q5_1", "iq4_nl",
+    ] {
+        quantized_model_is_exact(&dir, quant);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn quantized_model_is_exact(dir: &std::path::Path, quant: &str) {
     let mut cfg = ModelConfig::from_hf_dir(&common::fixture("tiny-llama")).unwrap();
     // K-blocks hold 256 weights: every matrix width, and each rank's first column at tp 4,
     // a multiple of 256.
     (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) = (1024, 1024, 128);
-    let path = dir.join("tiny-q4_k_m.gguf");
+    let path = dir.join(format!("tiny-{quant}.gguf"));
     let req = SynthRequest {
         name: "tiny-llama",
         cfg,
-        quant: SynthQuant::Q4KM,
+        quant: SynthQuant::parse(quant).unwrap(),
         tokenizer_from: None,
         seed: 3,
     };
@@ -239,20 +246,25 @@ fn k_quant_models_load_and_are_exact_across_tp_and_batch() {
     let run = |tp| common::alone_and_batched(&files, tp, &prompts, &feed, 5);
     let bits = common::bits;
     let (alone, batched) = run(1);
-    assert!(alone.iter().all(|v| v.is_finite()) && alone.iter().any(|&v| v != alone[0]));
+    assert!(
+        alone.iter().all(|v| v.is_finite()) && alone.iter().any(|&v| v != alone[0]),
+        "{quant}"
+    );
     assert!(
         bits(&alone) == bits(&batched),
-        "tp 1: batched logits differ from alone"
+        "{quant} tp 1: batched logits differ from alone"
     );
     for tp in [2, 4] {
         let (a, b) = run(tp);
-        assert!(bits(&a) == bits(&alone), "tp {tp}: logits differ from tp 1");
+        assert!(
+            bits(&a) == bits(&alone),
+            "{quant} tp {tp}: logits differ from tp 1"
+        );
         assert!(
             bits(&b) == bits(&batched),
-            "tp {tp}: batched logits differ from tp 1"
+            "{quant} tp {tp}: batched logits differ from tp 1"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A panic on rank 0 between steps (a fault injected into the driving code) ends the whole

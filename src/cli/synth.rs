@@ -11,7 +11,9 @@ pub struct SynthArgs {
     /// The shapes to copy: llama-3.2-1b, llama-3.1-8b, qwen2.5-7b (any `plan` preset).
     #[arg(long)]
     pub like: String,
-    /// Weight format: q4_0, q8_0, q4_k_m (Q4_K, attn_v and ffn_down Q6_K) or bf16 (norms and biases stay f32).
+    /// Weight format: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k … q6_k, iq4_nl, iq4_xs, the mixes
+    /// q3_k_m, q4_k_m, q5_k_m (attn_v and ffn_down in Q5_K / Q6_K / Q6_K), or bf16 (norms
+    /// and biases stay f32).
     #[arg(long, default_value = "q4_0")]
     pub quant: String,
     /// The GGUF file to write.

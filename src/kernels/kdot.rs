@@ -1,4 +1,4 @@
-//! Integer dot products of K-quant blocks (Q4_K, Q6_K: 256 weights) with 8-bit activations.
+//! Integer dot products of 256-weight blocks (Q2_K … Q6_K, IQ4_XS) with 8-bit activations.
 //!
 //! A K-block meets the 8 activation blocks of 32 that cover it, for one token or several;
 //! the kernel returns the contribution of each 32-weight group, so callers can sum a whole
@@ -6,10 +6,11 @@
 //! the block and its scales once for all the tokens, add each group's products in one
 //! transposing sum, and apply the scales to eight groups at once, in the scalar twins'
 //! order: every token's values have the twins' bits, alone or with others.
-//! Scalar twins; AVX2 and AVX-512 VNNI versions.
+//! Scalar twins for every format; AVX2 and AVX-512 VNNI versions for Q4_K, Q5_K and Q6_K
+//! (the others run their twins).
 
 use super::qdot::{BlockQ8, Isa};
-use super::quant::{f16_at, q4_k_scale_min, QuantType};
+use super::quant::{f16_at, iq4_xs_scale, q3_k_scales, q4_k_scale_min, QuantType, IQ4_LEVELS};
 
 /// One K-block's bytes and, for each of `tokens` tokens, its 8 activation blocks (token
 /// `t`'s at `x[t·per_token..]`) → the 8 groups' contributions (token `t`'s at
@@ -24,11 +25,13 @@ pub type KDotFn = fn(
 );
 
 pub mod scalar {
-    use super::{f16_at, q4_k_scale_min, BlockQ8};
+    use super::{f16_at, iq4_xs_scale, q3_k_scales, q4_k_scale_min, BlockQ8, IQ4_LEVELS};
 
-    /// A one-token twin over several tokens, one after another.
+    /// A one-token twin over several tokens, one after another (inlined, so that a
+    /// build of it for a wider instruction set vectorises the twin's own code).
+    #[inline(always)]
     pub fn tokens(
-        one: fn(&[u8], &[BlockQ8], &mut [f32; 8]),
+        one: impl Fn(&[u8], &[BlockQ8], &mut [f32; 8]),
         (b, x, per_token, tokens): (&[u8], &[BlockQ8], usize, usize),
         out: &mut [f32],
         stride: usize,
@@ -53,6 +56,90 @@ pub mod scalar {
                 .map(|(&q, &v)| (if g % 2 == 0 { q & 0x0f } else { q >> 4 }) as i32 * v as i32)
                 .sum();
             *o = d * sc * x[g].d * sum as f32 - dmin * m * x[g].s;
+        }
+    }
+
+    /// As Q4_K, with a fifth bit per weight (bit g of qh[l]).
+    pub fn q5_k(b: &[u8], x: &[BlockQ8], out: &mut [f32; 8]) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let qh = &b[16..48];
+        for (g, o) in out.iter_mut().enumerate() {
+            let (sc, m) = q4_k_scale_min(g, &b[4..16]);
+            let qs = &b[48 + (g / 2) * 32..48 + (g / 2) * 32 + 32];
+            let sum: i32 = (0..32)
+                .map(|l| {
+                    let low = if g % 2 == 0 { qs[l] & 0x0f } else { qs[l] >> 4 };
+                    (low | (((qh[l] >> g) & 1) << 4)) as i32 * x[g].qs[l] as i32
+                })
+                .sum();
+            *o = d * sc * x[g].d * sum as f32 - dmin * m * x[g].s;
+        }
+    }
+
+    /// Σ code·x over each 16-weight half of group g, and Σ x over each.
+    #[inline(always)]
+    fn halves(code: impl Fn(usize) -> i32, x: &BlockQ8) -> ([i32; 2], [i32; 2]) {
+        let codes: [i32; 32] = std::array::from_fn(code);
+        let half = |h: usize| -> (i32, i32) {
+            let xs = &x.qs[16 * h..16 * h + 16];
+            let cs = &codes[16 * h..16 * h + 16];
+            let qx = cs.iter().zip(xs).map(|(&c, &v)| c * v as i32).sum();
+            (qx, xs.iter().map(|&v| v as i32).sum())
+        };
+        let ((qa, sa), (qb, sb)) = (half(0), half(1));
+        ([qa, qb], [sa, sb])
+    }
+
+    /// Group g = 4h + k: halves with 4-bit scales and mins (byte 8h + 2k + half):
+    /// d_x·(d·(sa·Σa + sb·Σb) − dmin·(ma·xa + mb·xb)), the sums in integers.
+    #[inline(always)]
+    pub fn q2_k(b: &[u8], x: &[BlockQ8], out: &mut [f32; 8]) {
+        let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+        for (g, o) in out.iter_mut().enumerate() {
+            let (h, k) = (g / 4, g % 4);
+            let code = |l: usize| ((b[16 + 32 * h + l] >> (2 * k)) & 3) as i32;
+            let (qx, sx) = halves(code, &x[g]);
+            let sc = [b[8 * h + 2 * k], b[8 * h + 2 * k + 1]];
+            let scaled = (sc[0] & 0x0f) as i32 * qx[0] + (sc[1] & 0x0f) as i32 * qx[1];
+            let mins = (sc[0] >> 4) as i32 * sx[0] + (sc[1] >> 4) as i32 * sx[1];
+            *o = x[g].d * (d * scaled as f32 - dmin * mins as f32);
+        }
+    }
+
+    /// Group g = 4h + k: codes q − (high bit ? 0 : 4) in halves with signed 6-bit scales:
+    /// d·d_x·(sa·Σa + sb·Σb).
+    #[inline(always)]
+    pub fn q3_k(b: &[u8], x: &[BlockQ8], out: &mut [f32; 8]) {
+        let d = f16_at(b, 108);
+        let scales = q3_k_scales(&b[96..108]);
+        for (g, o) in out.iter_mut().enumerate() {
+            let (h, k) = (g / 4, g % 4);
+            let code = |l: usize| {
+                let low = ((b[32 + 32 * h + l] >> (2 * k)) & 3) as i32;
+                low - if (b[l] >> (4 * h + k)) & 1 == 1 { 0 } else { 4 }
+            };
+            let (qx, _) = halves(code, &x[g]);
+            let sum = scales[8 * h + 2 * k] * qx[0] + scales[8 * h + 2 * k + 1] * qx[1];
+            *o = d * x[g].d * sum as f32;
+        }
+    }
+
+    /// Group g: IQ4_NL levels with the group's signed 6-bit scale: d·d_x·(scale·Σ).
+    pub fn iq4_xs(b: &[u8], x: &[BlockQ8], out: &mut [f32; 8]) {
+        let d = f16_at(b, 0);
+        for (g, o) in out.iter_mut().enumerate() {
+            let qs = &b[8 + 16 * g..8 + 16 * g + 16];
+            let sum: i32 = (0..32)
+                .map(|l| {
+                    let q = if l < 16 {
+                        qs[l] & 0x0f
+                    } else {
+                        qs[l - 16] >> 4
+                    };
+                    IQ4_LEVELS[q as usize] as i32 * x[g].qs[l] as i32
+                })
+                .sum();
+            *o = d * x[g].d * (iq4_xs_scale(b, g) * sum) as f32;
         }
     }
 
@@ -82,29 +169,34 @@ pub fn kdot_fn(ty: QuantType, isa: Isa) -> Option<KDotFn> {
     // Never more than the CPU runs: the safe pointers below call SIMD code (SAFETY of each
     // `unsafe` call: `isa` is at most what the CPU supports).
     let isa = isa.min(Isa::best());
-    Some(match (ty, isa) {
-        (QuantType::Q4K, Isa::Scalar) => {
-            |b, x, p, t, o, s| scalar::tokens(scalar::q4_k, (b, x, p, t), o, s)
+    #[cfg(target_arch = "x86_64")]
+    {
+        use QuantType::*;
+        macro_rules! simd {
+            ($f:ident) => {
+                return Some(|b, x, p, t, o, s| unsafe { x86::$f(b, x, p, t, o, s) })
+            };
         }
-        (QuantType::Q6K, Isa::Scalar) => {
-            |b, x, p, t, o, s| scalar::tokens(scalar::q6_k, (b, x, p, t), o, s)
+        match (ty, isa) {
+            (Q4K, Isa::Avx2) => simd!(q4_k_avx2),
+            (Q5K, Isa::Avx2) => simd!(q5_k_avx2),
+            (Q6K, Isa::Avx2) => simd!(q6_k_avx2),
+            (Q4K, Isa::Avx512Vnni) => simd!(q4_k_vnni),
+            (Q5K, Isa::Avx512Vnni) => simd!(q5_k_vnni),
+            (Q6K, Isa::Avx512Vnni) => simd!(q6_k_vnni),
+            (Q2K, Isa::Avx2 | Isa::Avx512Vnni) => simd!(q2_k_avx2),
+            (Q3K, Isa::Avx2 | Isa::Avx512Vnni) => simd!(q3_k_avx2),
+            (IQ4XS, Isa::Avx2 | Isa::Avx512Vnni) => simd!(iq4_xs_avx2),
+            _ => {}
         }
-        #[cfg(target_arch = "x86_64")]
-        (QuantType::Q4K, Isa::Avx2) => {
-            |b, x, p, t, o, s| unsafe { x86::q4_k_avx2(b, x, p, t, o, s) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        (QuantType::Q6K, Isa::Avx2) => {
-            |b, x, p, t, o, s| unsafe { x86::q6_k_avx2(b, x, p, t, o, s) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        (QuantType::Q4K, Isa::Avx512Vnni) => {
-            |b, x, p, t, o, s| unsafe { x86::q4_k_vnni(b, x, p, t, o, s) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        (QuantType::Q6K, Isa::Avx512Vnni) => {
-            |b, x, p, t, o, s| unsafe { x86::q6_k_vnni(b, x, p, t, o, s) }
-        }
+    }
+    Some(match ty {
+        QuantType::Q2K => |b, x, p, t, o, s| scalar::tokens(scalar::q2_k, (b, x, p, t), o, s),
+        QuantType::Q3K => |b, x, p, t, o, s| scalar::tokens(scalar::q3_k, (b, x, p, t), o, s),
+        QuantType::Q4K => |b, x, p, t, o, s| scalar::tokens(scalar::q4_k, (b, x, p, t), o, s),
+        QuantType::Q5K => |b, x, p, t, o, s| scalar::tokens(scalar::q5_k, (b, x, p, t), o, s),
+        QuantType::Q6K => |b, x, p, t, o, s| scalar::tokens(scalar::q6_k, (b, x, p, t), o, s),
+        QuantType::IQ4XS => |b, x, p, t, o, s| scalar::tokens(scalar::iq4_xs, (b, x, p, t), o, s),
         _ => return None,
     })
 }
@@ -155,6 +247,20 @@ mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(bits))
     }
 
+    /// The low nibbles, then the high ones, of the 128 bytes at `at`: the 4-bit codes of
+    /// groups 0, 1 (bytes 0..32), 2, 3 (32..64) and so on, as Q4_K and Q5_K store them.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles(b: &[u8], at: usize) -> [__m256i; 8] {
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut w = [_mm256_setzero_si256(); 8];
+        for c in 0..4 {
+            let raw = _mm256_loadu_si256(b.as_ptr().add(at + 32 * c) as *const __m256i);
+            w[2 * c] = _mm256_and_si256(raw, mask);
+            w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+        }
+        w
+    }
+
     /// Checks the bounds every kernel relies on.
     fn check(
         b: &[u8],
@@ -169,7 +275,7 @@ mod x86 {
     }
 
     macro_rules! kernels {
-        ($q4k:ident, $q6k:ident, $features:literal, $dot:ident) => {
+        ($q4k:ident, $q5k:ident, $q45:ident, $q6k:ident, $features:literal, $dot:ident) => {
             /// # Safety
             /// The CPU must support the enabled features (bounds are checked).
             #[target_feature(enable = $features)]
@@ -182,6 +288,46 @@ mod x86 {
                 stride: usize,
             ) {
                 check(b, 144, x, (per_token, tokens), out, stride);
+                let w = nibbles(b, 16);
+                $q45(b, w, x, (per_token, tokens), out, stride);
+            }
+
+            /// # Safety
+            /// The CPU must support the enabled features (bounds are checked).
+            #[target_feature(enable = $features)]
+            pub unsafe fn $q5k(
+                b: &[u8],
+                x: &[BlockQ8],
+                per_token: usize,
+                tokens: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                check(b, 176, x, (per_token, tokens), out, stride);
+                let mut w = nibbles(b, 48);
+                let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+                let one = _mm256_set1_epi8(1);
+                for (g, w) in w.iter_mut().enumerate() {
+                    // Bit g of each byte, moved to bit 4 (16-bit shifts: the other byte's
+                    // bits land outside the mask).
+                    let bit =
+                        _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(g as i32)), one);
+                    *w = _mm256_or_si256(*w, _mm256_slli_epi16(bit, 4));
+                }
+                $q45(b, w, x, (per_token, tokens), out, stride);
+            }
+
+            /// Q4_K and Q5_K from their codes `w` (eight groups of 32, unsigned):
+            /// ((d·sc)·d_x)·Σ − (dmin·m)·s_x, as the twins multiply.
+            #[target_feature(enable = $features)]
+            unsafe fn $q45(
+                b: &[u8],
+                w: [__m256i; 8],
+                x: &[BlockQ8],
+                (per_token, tokens): (usize, usize),
+                out: &mut [f32],
+                stride: usize,
+            ) {
                 let (d, dmin) = (f16_of(b, 0), f16_of(b, 2));
                 let (mut sc, mut m) = ([0.0f32; 8], [0.0f32; 8]);
                 for g in 0..8 {
@@ -189,13 +335,6 @@ mod x86 {
                 }
                 let dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(sc.as_ptr()));
                 let dm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_loadu_ps(m.as_ptr()));
-                let mask = _mm256_set1_epi8(0x0f);
-                let mut w = [_mm256_setzero_si256(); 8];
-                for c in 0..4 {
-                    let raw = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
-                    w[2 * c] = _mm256_and_si256(raw, mask);
-                    w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                }
                 for t in 0..tokens {
                     let xt = &x[t * per_token..t * per_token + 8];
                     let sums: [__m256i; 8] = std::array::from_fn(|g| {
@@ -205,7 +344,6 @@ mod x86 {
                         )
                     });
                     let sum = _mm256_cvtepi32_ps(sums8(&sums));
-                    // ((d·sc)·d_x)·Σ − (dmin·m)·s_x, as the twin multiplies.
                     let scaled = _mm256_mul_ps(_mm256_mul_ps(dsc, gather8(xt, |b| b.d)), sum);
                     let mins = _mm256_mul_ps(dm, gather8(xt, |b| b.s));
                     _mm256_storeu_ps(
@@ -287,9 +425,39 @@ mod x86 {
         };
     }
 
-    kernels!(q4_k_avx2, q6_k_avx2, "avx2,fma,f16c", dot_u8_i8_avx2);
+    /// The twins' own code built for AVX2 (the compiler vectorises their integer sums;
+    /// the float steps are the twins', so the bits are too).
+    macro_rules! vectorised {
+        ($($name:ident = $twin:ident),*) => {$(
+            /// # Safety
+            /// The CPU must support AVX2 (bounds are checked by the twin's slicing).
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(
+                b: &[u8],
+                x: &[BlockQ8],
+                per_token: usize,
+                tokens: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                super::scalar::tokens(super::scalar::$twin, (b, x, per_token, tokens), out, stride)
+            }
+        )*};
+    }
+    vectorised!(q2_k_avx2 = q2_k, q3_k_avx2 = q3_k, iq4_xs_avx2 = iq4_xs);
+
+    kernels!(
+        q4_k_avx2,
+        q5_k_avx2,
+        q45_avx2,
+        q6_k_avx2,
+        "avx2,fma,f16c",
+        dot_u8_i8_avx2
+    );
     kernels!(
         q4_k_vnni,
+        q5_k_vnni,
+        q45_vnni,
         q6_k_vnni,
         "avx2,fma,f16c,avx512vnni,avx512vl",
         dot_u8_i8_vnni
@@ -308,12 +476,8 @@ mod tests {
         let scale = |rng: &mut dyn rand::RngCore| {
             half::f16::from_f32(rng.random_range(-0.05..0.05)).to_le_bytes()
         };
-        match ty {
-            QuantType::Q4K => {
-                b[0..2].copy_from_slice(&scale(rng));
-                b[2..4].copy_from_slice(&scale(rng));
-            }
-            _ => b[208..210].copy_from_slice(&scale(rng)),
+        for &at in ty.f16_fields() {
+            b[at..at + 2].copy_from_slice(&scale(rng));
         }
         b
     }
@@ -324,7 +488,8 @@ mod tests {
     #[test]
     fn kernels_equal_twins_and_the_dequantized_dot() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-        for ty in [QuantType::Q4K, QuantType::Q6K] {
+        use QuantType::*;
+        for ty in [Q2K, Q3K, Q4K, Q5K, Q6K, IQ4XS] {
             for tokens in 1..=17 {
                 let (per_token, stride) = (11, 13);
                 let block = random_block(ty, &mut rng);

@@ -160,6 +160,10 @@ impl Matrix {
             Storage::Quant(ty, blocks) if PackedRows::supports(ty) => {
                 Storage::Packed(PackedRows::pack(ty, rows, cols, &blocks))
             }
+            Storage::Quant(ty, blocks) => match ty.as_q8_0(&blocks) {
+                Some(q8) => Storage::Packed(PackedRows::pack(QuantType::Q8_0, rows, cols, &q8)),
+                None => Storage::Quant(ty, blocks),
+            },
             other => other,
         };
         Matrix {
@@ -191,7 +195,11 @@ impl Matrix {
             Storage::F32(w) => self.matmul_with(w, dot_f32_fns(), x, tokens, y, threads),
             Storage::BF16(w) => self.matmul_with(w, dot_bf16_fns(), x, tokens, y, threads),
             Storage::F16(w) => self.matmul_with(w, dot_f16_fns(), x, tokens, y, threads),
-            Storage::Quant(t, w) => self.matmul_quant(*t, w, x, tokens, y, threads),
+            Storage::Quant(t, w) => match kdot_fn(*t, Isa::detect()) {
+                Some(kdot) => self.matmul_quant(*t, w, kdot, x, tokens, y, threads),
+                // Q5_1: rows dequantized to f32, as for prompts.
+                None => self.matmul_panels(x, tokens, y, threads),
+            },
             Storage::Packed(p) => {
                 let (one, _) = packed_fns(p.ty, Isa::detect());
                 let (dot, _) = tile_fns(p.ty, Isa::detect());
@@ -414,20 +422,20 @@ impl Matrix {
         });
     }
 
-    /// Decode of K-quant rows (the other block formats are grouped, see
-    /// [`Self::for_packed_groups`]).
+    /// Decode of 256-weight block rows (Q4_0, Q4_1, Q8_0 and what is re-encoded as Q8_0
+    /// are grouped, see [`Self::for_packed_groups`]).
+    #[allow(clippy::too_many_arguments)]
     fn matmul_quant(
         &self,
         ty: QuantType,
         w: &[u8],
+        kdot: KDotFn,
         x: &[f32],
         tokens: usize,
         y: &mut [f32],
         threads: &Threads,
     ) {
         let rows = self.rows;
-        let kdot = kdot_fn(ty, Isa::detect())
-            .unwrap_or_else(|| unreachable!("{} rows are grouped at load", ty.name()));
         let out = DisjointChunks::new(&mut y[..tokens * rows], 1);
         self.for_kquant_rows(ty, w, kdot, 0..rows, x, tokens, threads, |j, t, terms| {
             // SAFETY: row j belongs to this thread's range only.
@@ -648,12 +656,9 @@ mod tests {
     #[test]
     fn quantized_decode_matches_dequantized_rows() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        use QuantType::*;
         let types = [
-            QuantType::Q4_0,
-            QuantType::Q4_1,
-            QuantType::Q8_0,
-            QuantType::Q4K,
-            QuantType::Q6K,
+            Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K, IQ4NL, IQ4XS,
         ];
         for (ty, threads) in types.into_iter().flat_map(|t| [(t, 1), (t, 2)]) {
             let (rows, cols) = (21, 512);
@@ -662,10 +667,8 @@ mod tests {
                 .collect();
             for b in w.chunks_exact_mut(ty.block_bytes()) {
                 let d = half::f16::from_f32(rng.random_range(0.001..0.02)).to_le_bytes();
-                let at = if ty == QuantType::Q6K { 208 } else { 0 };
-                b[at..at + 2].copy_from_slice(&d);
-                if matches!(ty, QuantType::Q4K | QuantType::Q4_1) {
-                    b[2..4].copy_from_slice(&d);
+                for &at in ty.f16_fields() {
+                    b[at..at + 2].copy_from_slice(&d);
                 }
             }
             let m = Matrix::new(rows, cols, Storage::Quant(ty, w));

@@ -89,14 +89,21 @@ pub enum TensorType {
 }
 
 /// ggml's type ids of the formats tpserve reads (and writes).
-const GGML_TYPES: [(u32, TensorType); 8] = [
+const GGML_TYPES: [(u32, TensorType); 15] = [
     (0, TensorType::F32),
     (1, TensorType::F16),
     (2, TensorType::Quant(QuantType::Q4_0)),
     (3, TensorType::Quant(QuantType::Q4_1)),
+    (6, TensorType::Quant(QuantType::Q5_0)),
+    (7, TensorType::Quant(QuantType::Q5_1)),
     (8, TensorType::Quant(QuantType::Q8_0)),
+    (10, TensorType::Quant(QuantType::Q2K)),
+    (11, TensorType::Quant(QuantType::Q3K)),
     (12, TensorType::Quant(QuantType::Q4K)),
+    (13, TensorType::Quant(QuantType::Q5K)),
     (14, TensorType::Quant(QuantType::Q6K)),
+    (20, TensorType::Quant(QuantType::IQ4NL)),
+    (23, TensorType::Quant(QuantType::IQ4XS)),
     (30, TensorType::BF16),
 ];
 
@@ -308,7 +315,7 @@ impl GgufFile {
             let ty = TensorType::from_ggml(type_id).ok_or_else(|| {
                 anyhow!(
                     "tensor `{name}` has quant type {type_id}, which tpserve does not read \
-                     (it reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K); re-quantize the model to one of these"
+                     (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS); re-quantize the model to one of these"
                 )
             })?;
             let (block_elems, block_bytes) = ty.block();
