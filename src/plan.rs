@@ -152,10 +152,47 @@ pub fn weight_bytes(
             total += f32s(2 * d);
         }
         total += src.slice_bytes(&format!("{a}.o_proj.weight"), h, q_rows)?;
-        let m = plan.mlp.len();
-        total += src.slice_bytes(&format!("{p}.mlp.gate_proj.weight"), m, h)?;
-        total += src.slice_bytes(&format!("{p}.mlp.up_proj.weight"), m, h)?;
-        total += src.slice_bytes(&format!("{p}.mlp.down_proj.weight"), h, m)?;
+        total += mlp_bytes(cfg, src, &plan, l)?;
+    }
+    Ok(total)
+}
+
+/// Bytes of layer `l`'s MLP on a rank with `plan`: its neurons of the dense MLP, or of
+/// every expert (and the shared one) plus the replicated router.
+fn mlp_bytes(
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    plan: &ShardPlan,
+    l: usize,
+) -> Result<usize> {
+    let h = cfg.hidden_size;
+    let p = format!("model.layers.{l}");
+    let three = |prefix: &str, [gate, up, down]: [&str; 3], m: usize| -> Result<usize> {
+        Ok(src.slice_bytes(&format!("{prefix}.{gate}.weight"), m, h)?
+            + src.slice_bytes(&format!("{prefix}.{up}.weight"), m, h)?
+            + src.slice_bytes(&format!("{prefix}.{down}.weight"), h, m)?)
+    };
+    let qwen = ["gate_proj", "up_proj", "down_proj"];
+    let (Some(moe), Some(shard)) = (cfg.moe.as_ref().filter(|m| m.is_sparse(l)), &plan.experts)
+    else {
+        return three(&format!("{p}.mlp"), qwen, plan.mlp.len());
+    };
+    let (block, names) = if moe.mixtral_names {
+        ("block_sparse_moe", ["w1", "w3", "w2"])
+    } else {
+        ("mlp", qwen)
+    };
+    let mut total = src.slice_bytes(&format!("{p}.{block}.gate.weight"), moe.num_experts, h)?;
+    for e in 0..moe.num_experts {
+        total += three(
+            &format!("{p}.{block}.experts.{e}"),
+            names,
+            shard.expert.len(),
+        )?;
+    }
+    if moe.shared_expert_intermediate_size.is_some() {
+        total += three(&format!("{p}.mlp.shared_expert"), qwen, shard.shared.len())?;
+        total += src.slice_bytes(&format!("{p}.mlp.shared_expert_gate.weight"), 1, h)?;
     }
     Ok(total)
 }

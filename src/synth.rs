@@ -151,7 +151,12 @@ pub fn synth(
         Architecture::Llama | Architecture::Mistral => "llama",
         Architecture::Qwen2 => "qwen2",
         Architecture::Qwen3 => "qwen3",
-        Architecture::Phi3 => bail!("synth writes no Phi-3 layout (fused qkv and gate/up)"),
+        Architecture::Phi3
+        | Architecture::Mixtral
+        | Architecture::Qwen2Moe
+        | Architecture::Qwen3Moe => {
+            bail!("synth writes dense llama / qwen2 / qwen3 layouts only")
+        }
     };
     let tokenizer = match req.tokenizer_from {
         Some(path) => copied_tokenizer(path)?,

@@ -110,6 +110,7 @@ fn fixture_models_under_mpirun_match_their_references() {
         ("tiny-mistral-f16", 3),
         ("tiny-smollm-tok", 2),
         ("tiny-phi3", 2),
+        ("tiny-qwen2-moe", 3),
     ] {
         let reference = common::reference(model);
         let tol = if reference.saved_dtype == "float32" {

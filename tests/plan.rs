@@ -51,6 +51,9 @@ fn planned_bytes_equal_the_engine_on_every_fixture_shape() {
         "tiny-mha-uneven",
         "tiny-mistral-f16",
         "tiny-phi3",
+        "tiny-mixtral",
+        "tiny-qwen2-moe",
+        "tiny-qwen3-moe",
     ] {
         check_against_engine(&common::fixture(model), &[1, 2, 3, 4]);
     }

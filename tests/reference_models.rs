@@ -8,7 +8,7 @@ use tpserve::engine::{self, GenerateRequest, SamplingParams};
 use tpserve::kernels::Phase;
 use tpserve::model::Logits;
 
-const MODELS: [&str; 9] = [
+const MODELS: [&str; 12] = [
     "tiny-llama",
     "tiny-llama-sharded",
     "tiny-llama3-bf16",
@@ -18,6 +18,9 @@ const MODELS: [&str; 9] = [
     "tiny-mistral-f16",
     "tiny-smollm-tok",
     "tiny-phi3",
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-qwen3-moe",
 ];
 
 struct Run {
@@ -148,6 +151,24 @@ fn tiny_phi3_fused_projections() {
     check_model("tiny-phi3");
 }
 
+/// Mixtral: top-2 of 4 experts, each split over the ranks like a dense MLP.
+#[test]
+fn tiny_mixtral_experts() {
+    check_model("tiny-mixtral");
+}
+
+/// Qwen2-MoE: top-4 of 8 experts (softmax weights kept), a gated shared expert, q/k/v bias.
+#[test]
+fn tiny_qwen2_moe_shared_expert() {
+    check_model("tiny-qwen2-moe");
+}
+
+/// Qwen3-MoE: top-2 of 8 experts, renormalised, q/k norms.
+#[test]
+fn tiny_qwen3_moe() {
+    check_model("tiny-qwen3-moe");
+}
+
 #[test]
 fn every_fixture_is_covered() {
     let mut dirs: Vec<String> = std::fs::read_dir(fixture(""))
@@ -170,6 +191,7 @@ fn ranks_hold_their_share_of_the_weights() {
         "tiny-qwen2",
         "tiny-llama3-bf16",
         "tiny-phi3",
+        "tiny-mixtral",
     ] {
         let total = with_group(model, 1, 1, |d| d.weight_bytes_per_rank())[0];
         for tp in 2..=4 {
@@ -428,5 +450,39 @@ fn half_precision_kv_caches_stay_close_and_exact_across_tp() {
                 );
             }
         }
+    }
+}
+
+/// A MoE model gives a sequence the same bits alone and among 8 others (whose tokens pick
+/// other experts in the same step), at tp 1 and 2.
+#[test]
+fn moe_sequences_alone_equal_batched() {
+    for model in ["tiny-mixtral", "tiny-qwen2-moe"] {
+        let files = tpserve::loader::open_model(&fixture(model)).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..8)
+            .map(|i| {
+                (0..2 + 3 * i)
+                    .map(|j| (11 + 29 * i + 7 * j) as u32 % 512)
+                    .collect()
+            })
+            .collect();
+        let feed: Vec<u32> = (0..4).map(|s| 100 + 17 * s).collect();
+        let (alone, batched) = alone_and_batched(&files, 1, &prompts, &feed, 5);
+        assert_eq!(
+            bits(&alone),
+            bits(&batched),
+            "{model}: batched differs from alone"
+        );
+        let (alone2, batched2) = alone_and_batched(&files, 2, &prompts, &feed, 5);
+        assert_eq!(
+            bits(&alone2),
+            bits(&alone),
+            "{model}: tp 2 differs from tp 1"
+        );
+        assert_eq!(
+            bits(&batched2),
+            bits(&batched),
+            "{model}: tp 2 batched differs"
+        );
     }
 }

@@ -202,6 +202,13 @@ impl RowParallelLinear {
         comm.all_reduce_sum_i64(&mut acc[split..n * rows])
     }
 
+    /// This rank's partial sums of every token and output, into `acc`, with no
+    /// all-reduce (the caller adds several products' sums first).
+    pub fn partial_sums(&self, x: &[f32], runs: &[Run], acc: &mut [i64], threads: &Threads) {
+        let n = runs.last().map_or(0, |r| r.tokens.end);
+        self.partial(x, runs, 0..n, 0..self.weight.rows, acc, threads);
+    }
+
     /// This rank's partial sums of `tokens` (within `runs`) and output `rows`, into `acc`.
     fn partial(
         &self,

@@ -13,11 +13,18 @@ pub enum Architecture {
     Qwen3,
     /// Llama's layers with q/k/v and gate/up fused in the checkpoint.
     Phi3,
+    /// Mistral's attention, a mixture of experts for the MLP.
+    Mixtral,
+    /// Qwen2's attention; experts and a gated shared expert.
+    Qwen2Moe,
+    /// Qwen3's attention; experts.
+    Qwen3Moe,
 }
 
 impl Architecture {
     pub const SUPPORTED: &'static str =
-        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM";
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, \
+         MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM";
 
     pub fn from_hf_name(name: &str) -> Option<Self> {
         match name {
@@ -26,6 +33,9 @@ impl Architecture {
             "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
             "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
             "Phi3ForCausalLM" => Some(Architecture::Phi3),
+            "MixtralForCausalLM" => Some(Architecture::Mixtral),
+            "Qwen2MoeForCausalLM" => Some(Architecture::Qwen2Moe),
+            "Qwen3MoeForCausalLM" => Some(Architecture::Qwen3Moe),
             _ => None,
         }
     }
@@ -58,6 +68,32 @@ pub struct RopeConfig {
     pub scaling: Option<RopeScaling>,
 }
 
+/// A mixture of experts in place of the MLP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts each token goes through.
+    pub top_k: usize,
+    /// Neurons of each expert's MLP.
+    pub expert_intermediate_size: usize,
+    /// The chosen experts' softmax weights rescaled to sum to 1 (Mixtral, Qwen3-MoE), or
+    /// kept as they are (Qwen2-MoE's default).
+    pub norm_topk_prob: bool,
+    /// Qwen2-MoE: a shared expert of this many neurons, gated by a sigmoid, for every token.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Layers that keep a dense MLP (Qwen's `mlp_only_layers`, `decoder_sparse_step`).
+    pub dense_layers: Vec<usize>,
+    /// Where the layer's tensors live: `block_sparse_moe` with w1/w3/w2 (Mixtral) or `mlp`
+    /// with gate_proj/up_proj/down_proj (Qwen).
+    pub mixtral_names: bool,
+}
+
+impl MoeConfig {
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        !self.dense_layers.contains(&layer)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -78,6 +114,7 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Sliding-window attention (Mistral): each token sees only this many positions.
     pub sliding_window: Option<usize>,
+    pub moe: Option<MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -131,6 +168,7 @@ impl ModelConfig {
                 .ok_or_else(|| anyhow!("config field `{key}` is missing or not a whole number"))
         };
         let hidden_size = usize_field("hidden_size")?;
+        let num_layers = usize_field("num_hidden_layers")?;
         let num_heads = usize_field("num_attention_heads")?;
         let num_kv_heads = usize_field("num_key_value_heads").unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
@@ -177,7 +215,7 @@ impl ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: usize_field("intermediate_size")?,
-            num_layers: usize_field("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -188,11 +226,12 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            qkv_bias: architecture == Architecture::Qwen2
+            qkv_bias: matches!(architecture, Architecture::Qwen2 | Architecture::Qwen2Moe)
                 || json.get("attention_bias").and_then(Value::as_bool) == Some(true),
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Qwen3Moe),
             max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(4096),
             sliding_window: sliding_window(json, architecture)?,
+            moe: moe_config(json, architecture, num_layers)?,
             bos_token_id: token_ids(json.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(json.get("eos_token_id")),
         })
@@ -233,6 +272,66 @@ fn parse_rope_scaling(s: &Value) -> Result<Option<RopeScaling>> {
     }
 }
 
+/// The experts of a MoE config, checked; `None` for dense architectures.
+fn moe_config(json: &Value, arch: Architecture, layers: usize) -> Result<Option<MoeConfig>> {
+    if !matches!(
+        arch,
+        Architecture::Mixtral | Architecture::Qwen2Moe | Architecture::Qwen3Moe
+    ) {
+        return Ok(None);
+    }
+    let count = |keys: &[&str]| -> Result<usize> {
+        keys.iter()
+            .find_map(|k| json.get(*k).and_then(Value::as_u64))
+            .map(|v| v as usize)
+            .filter(|&v| v > 0)
+            .ok_or_else(|| anyhow!("this MoE config needs a positive `{}`", keys[0]))
+    };
+    let mixtral = arch == Architecture::Mixtral;
+    let num_experts = count(&["num_experts", "num_local_experts"])?;
+    let top_k = count(&["num_experts_per_tok"])?;
+    if top_k > num_experts {
+        bail!("num_experts_per_tok ({top_k}) exceeds the {num_experts} experts");
+    }
+    let expert_intermediate_size = if mixtral {
+        count(&["intermediate_size"])?
+    } else {
+        count(&["moe_intermediate_size"])?
+    };
+    let shared = match arch {
+        Architecture::Qwen2Moe => Some(count(&["shared_expert_intermediate_size"])?),
+        _ => None,
+    };
+    let step = json
+        .get("decoder_sparse_step")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .max(1) as usize;
+    let mlp_only: Vec<usize> = json
+        .get("mlp_only_layers")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as usize)
+                .collect()
+        })
+        .unwrap_or_default();
+    let dense_layers = (0..layers)
+        .filter(|&l| mlp_only.contains(&l) || (l + 1) % step != 0)
+        .collect();
+    Ok(Some(MoeConfig {
+        num_experts,
+        top_k,
+        expert_intermediate_size,
+        norm_topk_prob: mixtral
+            || json.get("norm_topk_prob").and_then(Value::as_bool) == Some(true),
+        shared_expert_intermediate_size: shared,
+        dense_layers,
+        mixtral_names: mixtral,
+    }))
+}
+
 /// The attention window of a config: Mistral's and Phi-3's `sliding_window` applies to
 /// every layer;
 /// Qwen2's only to some (`max_window_layers`), which tpserve refuses rather than ignores.
@@ -244,8 +343,14 @@ fn sliding_window(json: &Value, architecture: Architecture) -> Result<Option<usi
     let used = json
         .get("use_sliding_window")
         .and_then(Value::as_bool)
-        .unwrap_or(architecture != Architecture::Qwen2);
-    let every_layer = matches!(architecture, Architecture::Mistral | Architecture::Phi3);
+        .unwrap_or(!matches!(
+            architecture,
+            Architecture::Qwen2 | Architecture::Qwen2Moe | Architecture::Qwen3Moe
+        ));
+    let every_layer = matches!(
+        architecture,
+        Architecture::Mistral | Architecture::Phi3 | Architecture::Mixtral
+    );
     match (window, used) {
         (Some(w), true) if every_layer => Ok(Some(w as usize)),
         (Some(w), true) => bail!(

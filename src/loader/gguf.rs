@@ -410,6 +410,12 @@ impl GgufFile {
                 .and_then(Value::as_f64)
                 .unwrap_or(default) as f32
         };
+        if num("expert_count").is_ok_and(|n| n > 0) {
+            bail!(
+                "this GGUF holds a mixture of experts ({arch_name}.expert_count): tpserve runs \
+                 MoE models from Hugging Face folders (Mixtral, Qwen2-MoE, Qwen3-MoE), not yet from GGUF"
+            );
+        }
         let hidden_size = num("embedding_length")?;
         let num_heads = num("attention.head_count")?;
         let num_kv_heads = num("attention.head_count_kv").unwrap_or(num_heads);
@@ -454,6 +460,7 @@ impl GgufFile {
             qk_norm: self.tensors.contains_key("blk.0.attn_q_norm.weight"),
             max_position_embeddings: num("context_length").unwrap_or(4096),
             sliding_window: num("attention.sliding_window").ok().filter(|&w| w > 0),
+            moe: None,
             bos_token_id: token_id("bos_token_id"),
             eos_token_ids,
         })

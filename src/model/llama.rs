@@ -9,8 +9,8 @@ use crate::kernels::threads::DisjointChunks;
 use crate::kernels::{ops, Phase, Threads};
 use crate::layers::embedding::load_vocab_rows;
 use crate::layers::{
-    MergedColumnParallelLinear, ParallelLmHead, QkvParallelLinear, RmsNorm, Rotary,
-    RowParallelLinear, Run, VocabParallelEmbedding,
+    push_run, MergedColumnParallelLinear, MoeScratch, ParallelLmHead, QkvParallelLinear, RmsNorm,
+    Rotary, RowParallelLinear, Run, SparseMoe, VocabParallelEmbedding,
 };
 use crate::loader::{ModelConfig, TensorSource};
 use crate::shard::{HeadShard, Partition};
@@ -26,8 +26,28 @@ struct Layer {
     k_norm: Option<RmsNorm>,
     o_proj: RowParallelLinear,
     post_attention_norm: RmsNorm,
-    gate_up: MergedColumnParallelLinear,
-    down_proj: RowParallelLinear,
+    mlp: Mlp,
+}
+
+/// A layer's feed-forward part.
+enum Mlp {
+    /// Fused gate/up (column-parallel), SwiGLU, down (row-parallel).
+    Dense {
+        gate_up: MergedColumnParallelLinear,
+        down_proj: RowParallelLinear,
+    },
+    Experts(Box<SparseMoe>),
+}
+
+impl Mlp {
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Mlp::Dense { gate_up, down_proj } => {
+                gate_up.linear.weight_bytes() + down_proj.weight_bytes()
+            }
+            Mlp::Experts(moe) => moe.weight_bytes(),
+        }
+    }
 }
 
 /// Which positions of a forward pass need logits.
@@ -108,16 +128,31 @@ pub struct ShardPlan {
     pub heads: HeadShard,
     pub mlp: Range<usize>,
     pub vocab: Range<usize>,
+    /// A MoE model's split of each expert's neurons.
+    pub experts: Option<ExpertShard>,
     /// Columns per fixed-point segment of the row-parallel products; depends on the model
     /// only, never on tp, so every tp sums the same segments.
     pub segment: usize,
 }
 
-/// The largest power of two up to 64 that divides both the head size and the MLP width:
+/// This rank's neurons of every expert, and of the shared expert (SGLang's MoE TP: each
+/// expert split like a dense MLP).
+#[derive(Debug, Clone)]
+pub struct ExpertShard {
+    pub expert: Range<usize>,
+    pub shared: Range<usize>,
+}
+
+/// The largest power of two up to 64 that divides the head size and every MLP width:
 /// every rank's o_proj and down_proj columns are then whole segments.
 pub fn row_parallel_segment(cfg: &ModelConfig) -> usize {
+    let mut widths = vec![cfg.head_dim, cfg.intermediate_size];
+    if let Some(m) = &cfg.moe {
+        widths.push(m.expert_intermediate_size);
+        widths.extend(m.shared_expert_intermediate_size);
+    }
     let mut s = 64;
-    while s > 1 && !(cfg.head_dim.is_multiple_of(s) && cfg.intermediate_size.is_multiple_of(s)) {
+    while s > 1 && !widths.iter().all(|w| w.is_multiple_of(s)) {
         s /= 2;
     }
     s
@@ -146,10 +181,28 @@ impl ShardPlan {
         let segment = row_parallel_segment(cfg);
         let align = lcm(segment, src.block_size(down));
         let mlp = Partition::aligned(cfg.intermediate_size, tp, align, down)?;
+        let experts = cfg
+            .moe
+            .as_ref()
+            .map(|m| {
+                let block = |name: &str| lcm(segment, src.block_size(name));
+                let split = |width: usize, name: &str| {
+                    Partition::aligned(width, tp, block(name), name).map(|p| p.range(rank))
+                };
+                Ok::<_, anyhow::Error>(ExpertShard {
+                    expert: split(m.expert_intermediate_size, "each expert's down projection")?,
+                    shared: match m.shared_expert_intermediate_size {
+                        Some(w) => split(w, "the shared expert's down projection")?,
+                        None => 0..0,
+                    },
+                })
+            })
+            .transpose()?;
         Ok(ShardPlan {
             heads,
             mlp: mlp.range(rank),
             vocab: Partition::even(cfg.vocab_size, tp).range(rank),
+            experts,
             segment,
         })
     }
@@ -206,19 +259,7 @@ struct Scratch {
     /// The step's tokens, and its logit rows, as runs of one phase.
     runs: Vec<Run>,
     logit_runs: Vec<Run>,
-}
-
-/// Appends `count` items of `phase` to `runs`, extending the last run when it matches.
-fn push_run(runs: &mut Vec<Run>, count: usize, phase: Phase) {
-    let start = runs.last().map_or(0, |r| r.tokens.end);
-    match runs.last_mut() {
-        Some(last) if last.phase == phase => last.tokens.end += count,
-        _ if count == 0 => {}
-        _ => runs.push(Run {
-            tokens: start..start + count,
-            phase,
-        }),
-    }
+    moe: MoeScratch,
 }
 
 fn grow(buf: &mut Vec<f32>, len: usize) {
@@ -238,7 +279,7 @@ impl Model {
         progress: Option<&AtomicUsize>,
     ) -> Result<Self> {
         let plan = ShardPlan::new(cfg, src, tp, rank)?;
-        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let hidden = cfg.hidden_size;
         let eps = cfg.rms_norm_eps;
         let table = load_vocab_rows(
             src,
@@ -294,21 +335,7 @@ impl Model {
                     hidden,
                     eps,
                 )?,
-                gate_up: MergedColumnParallelLinear::load(
-                    src,
-                    [&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
-                    inter,
-                    hidden,
-                    plan.mlp.clone(),
-                )?,
-                down_proj: RowParallelLinear::load(
-                    src,
-                    &format!("{p}.mlp.down_proj"),
-                    hidden,
-                    inter,
-                    plan.mlp.clone(),
-                    plan.segment,
-                )?,
+                mlp: Self::load_mlp(src, cfg, &plan, l)?,
             });
             if let Some(p) = progress {
                 p.fetch_add(1, Ordering::Relaxed);
@@ -325,6 +352,50 @@ impl Model {
             threads,
             options: ForwardOptions::default(),
             scratch: Scratch::default(),
+        })
+    }
+
+    /// Layer `l`'s MLP: dense, or this rank's share of every expert.
+    fn load_mlp(
+        src: &dyn TensorSource,
+        cfg: &ModelConfig,
+        plan: &ShardPlan,
+        l: usize,
+    ) -> Result<Mlp> {
+        let p = format!("model.layers.{l}");
+        let hidden = cfg.hidden_size;
+        if let Some(moe) = cfg.moe.as_ref().filter(|m| m.is_sparse(l)) {
+            let experts = plan
+                .experts
+                .as_ref()
+                .expect("a MoE model's plan splits its experts");
+            return Ok(Mlp::Experts(Box::new(SparseMoe::load(
+                src,
+                &p,
+                moe,
+                hidden,
+                experts.expert.clone(),
+                experts.shared.clone(),
+                plan.segment,
+            )?)));
+        }
+        let inter = cfg.intermediate_size;
+        Ok(Mlp::Dense {
+            gate_up: MergedColumnParallelLinear::load(
+                src,
+                [&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
+                inter,
+                hidden,
+                plan.mlp.clone(),
+            )?,
+            down_proj: RowParallelLinear::load(
+                src,
+                &format!("{p}.mlp.down_proj"),
+                hidden,
+                inter,
+                plan.mlp.clone(),
+                plan.segment,
+            )?,
         })
     }
 
@@ -352,8 +423,7 @@ impl Model {
                     + l.k_norm.as_ref().map_or(0, RmsNorm::weight_bytes)
                     + l.o_proj.weight_bytes()
                     + l.post_attention_norm.weight_bytes()
-                    + l.gate_up.linear.weight_bytes()
-                    + l.down_proj.weight_bytes()
+                    + l.mlp.weight_bytes()
             })
             .sum();
         layers + self.embed.weight_bytes() + self.norm.weight_bytes() + self.lm_head.weight_bytes()
@@ -530,19 +600,31 @@ impl Model {
                 norm.forward(&s.x[..nh], &mut s.h[..nh]);
             }
 
-            // MLP: fused gate/up, SwiGLU, down_proj.
-            layer
-                .gate_up
-                .linear
-                .forward(&s.h, &s.runs, &mut s.gate_up, &self.threads);
-            for t in 0..n {
-                let gu = &s.gate_up[t * 2 * mlp_width..(t + 1) * 2 * mlp_width];
-                let (gate, up) = gu.split_at(mlp_width);
-                ops::silu_mul(gate, up, &mut s.act[t * mlp_width..(t + 1) * mlp_width]);
+            match &layer.mlp {
+                Mlp::Dense { gate_up, down_proj } => {
+                    gate_up
+                        .linear
+                        .forward(&s.h, &s.runs, &mut s.gate_up, &self.threads);
+                    for t in 0..n {
+                        let gu = &s.gate_up[t * 2 * mlp_width..(t + 1) * 2 * mlp_width];
+                        let (gate, up) = gu.split_at(mlp_width);
+                        ops::silu_mul(gate, up, &mut s.act[t * mlp_width..(t + 1) * mlp_width]);
+                    }
+                    down_proj.forward(
+                        &s.act,
+                        &s.runs,
+                        &mut s.fixed,
+                        &self.threads,
+                        comm,
+                        overlap,
+                    )?;
+                }
+                Mlp::Experts(moe) => {
+                    let h = &s.h[..nh];
+                    moe.partial_sums(h, &s.runs, &mut s.fixed, &mut s.moe, &self.threads);
+                    comm.all_reduce_sum_i64(&mut s.fixed[..nh])?;
+                }
             }
-            layer
-                .down_proj
-                .forward(&s.act, &s.runs, &mut s.fixed, &self.threads, comm, overlap)?;
             match self.layers.get(l + 1) {
                 Some(next) if fused => {
                     let norm = &next.input_norm;
