@@ -141,7 +141,8 @@ pub fn weight_bytes(
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         let a = format!("{p}.self_attn");
-        total += f32s(2 * h);
+        // Norms: before attention and MLP, and Gemma's after each.
+        total += f32s(if cfg.gemma_norms { 4 * h } else { 2 * h });
         total += src.slice_bytes(&format!("{a}.q_proj.weight"), q_rows, h)?;
         total += src.slice_bytes(&format!("{a}.k_proj.weight"), kv_rows, h)?;
         total += src.slice_bytes(&format!("{a}.v_proj.weight"), kv_rows, h)?;

@@ -154,7 +154,8 @@ pub fn synth(
         Architecture::Phi3
         | Architecture::Mixtral
         | Architecture::Qwen2Moe
-        | Architecture::Qwen3Moe => {
+        | Architecture::Qwen3Moe
+        | Architecture::Gemma2 => {
             bail!("synth writes dense llama / qwen2 / qwen3 layouts only")
         }
     };

@@ -54,6 +54,7 @@ fn planned_bytes_equal_the_engine_on_every_fixture_shape() {
         "tiny-mixtral",
         "tiny-qwen2-moe",
         "tiny-qwen3-moe",
+        "tiny-gemma2",
     ] {
         check_against_engine(&common::fixture(model), &[1, 2, 3, 4]);
     }

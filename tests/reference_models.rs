@@ -8,7 +8,7 @@ use tpserve::engine::{self, GenerateRequest, SamplingParams};
 use tpserve::kernels::Phase;
 use tpserve::model::Logits;
 
-const MODELS: [&str; 12] = [
+const MODELS: [&str; 13] = [
     "tiny-llama",
     "tiny-llama-sharded",
     "tiny-llama3-bf16",
@@ -21,6 +21,7 @@ const MODELS: [&str; 12] = [
     "tiny-mixtral",
     "tiny-qwen2-moe",
     "tiny-qwen3-moe",
+    "tiny-gemma2",
 ];
 
 struct Run {
@@ -167,6 +168,14 @@ fn tiny_qwen2_moe_shared_expert() {
 #[test]
 fn tiny_qwen3_moe() {
     check_model("tiny-qwen3-moe");
+}
+
+/// Gemma 2: GeGLU, norms (offsets from 1) around attention and MLP, embeddings scaled by
+/// √hidden, soft-capped scores and logits, a window of 8 on every other layer (the cases
+/// are longer than the window).
+#[test]
+fn tiny_gemma2() {
+    check_model("tiny-gemma2");
 }
 
 #[test]

@@ -17,6 +17,13 @@ impl RmsNorm {
         })
     }
 
+    /// Gemma's norms store `weight − 1`: the multiplier is `1 + weight` (computed once, in
+    /// f32, as transformers does each time).
+    pub fn with_unit_offset(mut self) -> Self {
+        self.weight.iter_mut().for_each(|w| *w += 1.0);
+        self
+    }
+
     pub fn weight_bytes(&self) -> usize {
         self.weight.len() * 4
     }

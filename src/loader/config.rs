@@ -19,12 +19,15 @@ pub enum Architecture {
     Qwen2Moe,
     /// Qwen3's attention; experts.
     Qwen3Moe,
+    /// Gemma 2: norms around attention and MLP, GeGLU, soft-capped scores and logits,
+    /// sliding-window attention on alternate layers.
+    Gemma2,
 }
 
 impl Architecture {
     pub const SUPPORTED: &'static str =
         "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, \
-         MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM";
+         MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM";
 
     pub fn from_hf_name(name: &str) -> Option<Self> {
         match name {
@@ -36,6 +39,7 @@ impl Architecture {
             "MixtralForCausalLM" => Some(Architecture::Mixtral),
             "Qwen2MoeForCausalLM" => Some(Architecture::Qwen2Moe),
             "Qwen3MoeForCausalLM" => Some(Architecture::Qwen3Moe),
+            "Gemma2ForCausalLM" => Some(Architecture::Gemma2),
             _ => None,
         }
     }
@@ -66,6 +70,32 @@ pub enum RopeScaling {
 pub struct RopeConfig {
     pub theta: f32,
     pub scaling: Option<RopeScaling>,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (silu).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    fn from_hf(json: &Value) -> Result<Self> {
+        let name = json
+            .get("hidden_activation")
+            .or_else(|| json.get("hidden_act"))
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" | "gelu_tanh" => Ok(Activation::GeluTanh),
+            other => {
+                bail!("hidden activation `{other}` is not supported (silu, gelu_pytorch_tanh)")
+            }
+        }
+    }
 }
 
 /// A mixture of experts in place of the MLP.
@@ -114,12 +144,30 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Sliding-window attention (Mistral): each token sees only this many positions.
     pub sliding_window: Option<usize>,
+    /// The layers the window applies to (Gemma 2: every other one); empty: all.
+    pub sliding_layers: Vec<bool>,
     pub moe: Option<MoeConfig>,
+    /// What the MLP's gate goes through.
+    pub activation: Activation,
+    /// Attention scores are q·k times this (1/√head_dim, or Gemma's query_pre_attn_scalar).
+    pub query_scale: f32,
+    /// Gemma 2: scores and final logits squashed as cap·tanh(x / cap).
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+    /// Gemma: RMSNorm weights stored as offsets from 1, embeddings scaled by √hidden, and
+    /// a norm on the attention's and the MLP's outputs before each residual add.
+    pub gemma_norms: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
 
 impl ModelConfig {
+    /// The attention window of layer `l`, if it has one.
+    pub fn window_of(&self, l: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.sliding_layers.get(l).copied().unwrap_or(true))
+    }
+
     /// Reads `config.json` (and `generation_config.json` for extra end tokens) in `dir`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
@@ -232,6 +280,15 @@ impl ModelConfig {
             max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(4096),
             sliding_window: sliding_window(json, architecture)?,
             moe: moe_config(json, architecture, num_layers)?,
+            sliding_layers: sliding_layers(json, architecture, num_layers),
+            activation: Activation::from_hf(json)?,
+            query_scale: match json.get("query_pre_attn_scalar").and_then(Value::as_f64) {
+                Some(s) if s > 0.0 => (s as f32).powf(-0.5),
+                _ => 1.0 / (head_dim as f32).sqrt(),
+            },
+            attn_softcap: softcap(json, "attn_logit_softcapping"),
+            final_softcap: softcap(json, "final_logit_softcapping"),
+            gemma_norms: architecture == Architecture::Gemma2,
             bos_token_id: token_ids(json.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(json.get("eos_token_id")),
         })
@@ -269,6 +326,29 @@ fn parse_rope_scaling(s: &Value) -> Result<Option<RopeScaling>> {
         other => bail!(
             "unsupported rope scaling type `{other}`: tpserve supports default, linear and llama3"
         ),
+    }
+}
+
+/// A positive soft-capping value of the config, if any.
+fn softcap(json: &Value, key: &str) -> Option<f32> {
+    json.get(key)
+        .and_then(Value::as_f64)
+        .filter(|&c| c > 0.0)
+        .map(|c| c as f32)
+}
+
+/// Which layers a window applies to: Gemma 2's `layer_types` ("sliding_attention"), or
+/// every other layer from the first when the config has none; empty for all layers.
+fn sliding_layers(json: &Value, arch: Architecture, layers: usize) -> Vec<bool> {
+    if arch != Architecture::Gemma2 {
+        return vec![];
+    }
+    match json.get("layer_types").and_then(Value::as_array) {
+        Some(types) => types
+            .iter()
+            .map(|t| t.as_str() == Some("sliding_attention"))
+            .collect(),
+        None => (0..layers).map(|l| l % 2 == 0).collect(),
     }
 }
 
@@ -349,7 +429,7 @@ fn sliding_window(json: &Value, architecture: Architecture) -> Result<Option<usi
         ));
     let every_layer = matches!(
         architecture,
-        Architecture::Mistral | Architecture::Phi3 | Architecture::Mixtral
+        Architecture::Mistral | Architecture::Phi3 | Architecture::Mixtral | Architecture::Gemma2
     );
     match (window, used) {
         (Some(w), true) if every_layer => Ok(Some(w as usize)),

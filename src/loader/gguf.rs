@@ -461,6 +461,12 @@ impl GgufFile {
             max_position_embeddings: num("context_length").unwrap_or(4096),
             sliding_window: num("attention.sliding_window").ok().filter(|&w| w > 0),
             moe: None,
+            sliding_layers: vec![],
+            activation: super::config::Activation::Silu,
+            query_scale: 1.0 / (head_dim as f32).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            gemma_norms: false,
             bos_token_id: token_id("bos_token_id"),
             eos_token_ids,
         })

@@ -12,6 +12,7 @@ use crate::layers::{
     push_run, MergedColumnParallelLinear, MoeScratch, ParallelLmHead, QkvParallelLinear, RmsNorm,
     Rotary, RowParallelLinear, Run, SparseMoe, VocabParallelEmbedding,
 };
+use crate::loader::config::Activation;
 use crate::loader::{ModelConfig, TensorSource};
 use crate::shard::{HeadShard, Partition};
 use anyhow::{bail, Result};
@@ -25,8 +26,12 @@ struct Layer {
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     o_proj: RowParallelLinear,
-    post_attention_norm: RmsNorm,
+    /// The norm before the MLP (Llama's post_attention_layernorm; Gemma's
+    /// pre_feedforward_layernorm).
+    mlp_norm: RmsNorm,
     mlp: Mlp,
+    /// Gemma: norms of the attention's and the MLP's outputs before each residual add.
+    output_norms: Option<(RmsNorm, RmsNorm)>,
 }
 
 /// A layer's feed-forward part.
@@ -311,13 +316,26 @@ impl Model {
                     .then(|| RmsNorm::load(src, &format!("{attn}.{which}.weight"), d, eps))
                     .transpose()
             };
+            // Gemma's norms are offsets from 1.
+            let norm = |name: &str| -> Result<RmsNorm> {
+                let n = RmsNorm::load(src, &format!("{p}.{name}.weight"), hidden, eps)?;
+                Ok(if cfg.gemma_norms {
+                    n.with_unit_offset()
+                } else {
+                    n
+                })
+            };
+            let (mlp_norm, output_norms) = if cfg.gemma_norms {
+                let outputs = (
+                    norm("post_attention_layernorm")?,
+                    norm("post_feedforward_layernorm")?,
+                );
+                (norm("pre_feedforward_layernorm")?, Some(outputs))
+            } else {
+                (norm("post_attention_layernorm")?, None)
+            };
             layers.push(Layer {
-                input_norm: RmsNorm::load(
-                    src,
-                    &format!("{p}.input_layernorm.weight"),
-                    hidden,
-                    eps,
-                )?,
+                input_norm: norm("input_layernorm")?,
                 qkv: QkvParallelLinear::load(src, &attn, cfg, heads)?,
                 q_norm: qk_norm("q_norm")?,
                 k_norm: qk_norm("k_norm")?,
@@ -329,13 +347,9 @@ impl Model {
                     heads.q_heads.start * d..heads.q_heads.end * d,
                     plan.segment,
                 )?,
-                post_attention_norm: RmsNorm::load(
-                    src,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    hidden,
-                    eps,
-                )?,
+                mlp_norm,
                 mlp: Self::load_mlp(src, cfg, &plan, l)?,
+                output_norms,
             });
             if let Some(p) = progress {
                 p.fetch_add(1, Ordering::Relaxed);
@@ -344,7 +358,14 @@ impl Model {
         Ok(Model {
             cfg: cfg.clone(),
             embed: VocabParallelEmbedding::new(table, plan.vocab.clone()),
-            norm: RmsNorm::load(src, "model.norm.weight", hidden, eps)?,
+            norm: {
+                let n = RmsNorm::load(src, "model.norm.weight", hidden, eps)?;
+                if cfg.gemma_norms {
+                    n.with_unit_offset()
+                } else {
+                    n
+                }
+            },
             lm_head,
             rotary: Rotary::new(d, &cfg.rope),
             layers,
@@ -422,8 +443,11 @@ impl Model {
                     + l.q_norm.as_ref().map_or(0, RmsNorm::weight_bytes)
                     + l.k_norm.as_ref().map_or(0, RmsNorm::weight_bytes)
                     + l.o_proj.weight_bytes()
-                    + l.post_attention_norm.weight_bytes()
+                    + l.mlp_norm.weight_bytes()
                     + l.mlp.weight_bytes()
+                    + l.output_norms
+                        .as_ref()
+                        .map_or(0, |(a, b)| a.weight_bytes() + b.weight_bytes())
             })
             .sum();
         layers + self.embed.weight_bytes() + self.norm.weight_bytes() + self.lm_head.weight_bytes()
@@ -536,13 +560,19 @@ impl Model {
         grow(&mut s.sin, d / 2);
 
         self.embed.forward(&s.ids, &mut s.x, comm)?;
+        let nh = n * hidden;
+        if self.cfg.gemma_norms {
+            let scale = (hidden as f64).sqrt() as f32;
+            s.x[..nh].iter_mut().for_each(|v| *v *= scale);
+        }
 
         let ForwardOptions {
             overlap,
             fused_allreduce: fused,
             ..
         } = self.options;
-        let nh = n * hidden;
+        // Gemma's output norms come between the all-reduce and the residual add.
+        let fused = fused && !self.cfg.gemma_norms;
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention: norm, fused qkv, per-head norms and rotary, cache, attend, o_proj.
             // (Fused: the previous layer's last all-reduce computed this norm already.)
@@ -573,7 +603,9 @@ impl Model {
                 seq_of: &s.seq_of,
                 score_at: &s.score_at,
                 block_size: kv.block_size(),
-                window: self.cfg.sliding_window,
+                window: self.cfg.window_of(l),
+                scale: self.cfg.query_scale,
+                softcap: self.cfg.attn_softcap,
             };
             let (qkv, scores, attn) = (&s.qkv, &mut s.scores, &mut s.attn);
             let threads = &self.threads;
@@ -592,8 +624,16 @@ impl Model {
                 .o_proj
                 .forward(&s.attn, &s.runs, &mut s.fixed, &self.threads, comm, overlap)?;
             // The residual add, and the MLP's norm.
-            let norm = &layer.post_attention_norm;
-            if fused {
+            let norm = &layer.mlp_norm;
+            if let Some((after_attention, _)) = &layer.output_norms {
+                add_normed_sums(
+                    &mut s.x[..nh],
+                    &s.fixed[..nh],
+                    after_attention,
+                    &mut s.o[..nh],
+                );
+                norm.forward(&s.x[..nh], &mut s.h[..nh]);
+            } else if fused {
                 norm.add_fixed_forward(&mut s.x[..nh], &s.fixed[..nh], &mut s.h[..nh]);
             } else {
                 add_sums_apart(&mut s.x[..nh], &s.fixed[..nh], &mut s.o[..nh]);
@@ -608,7 +648,11 @@ impl Model {
                     for t in 0..n {
                         let gu = &s.gate_up[t * 2 * mlp_width..(t + 1) * 2 * mlp_width];
                         let (gate, up) = gu.split_at(mlp_width);
-                        ops::silu_mul(gate, up, &mut s.act[t * mlp_width..(t + 1) * mlp_width]);
+                        let act = &mut s.act[t * mlp_width..(t + 1) * mlp_width];
+                        match self.cfg.activation {
+                            Activation::Silu => ops::silu_mul(gate, up, act),
+                            Activation::GeluTanh => ops::gelu_tanh_mul(gate, up, act),
+                        }
                     }
                     down_proj.forward(
                         &s.act,
@@ -625,8 +669,11 @@ impl Model {
                     comm.all_reduce_sum_i64(&mut s.fixed[..nh])?;
                 }
             }
-            match self.layers.get(l + 1) {
-                Some(next) if fused => {
+            match (self.layers.get(l + 1), &layer.output_norms) {
+                (_, Some((_, after_mlp))) => {
+                    add_normed_sums(&mut s.x[..nh], &s.fixed[..nh], after_mlp, &mut s.o[..nh])
+                }
+                (Some(next), None) if fused => {
                     let norm = &next.input_norm;
                     norm.add_fixed_forward(&mut s.x[..nh], &s.fixed[..nh], &mut s.h[..nh]);
                 }
@@ -646,9 +693,21 @@ impl Model {
         if m > 0 {
             self.lm_head
                 .forward(&s.h, &s.logit_runs, &mut s.logits, &self.threads);
+            if let Some(cap) = self.cfg.final_softcap {
+                ops::softcap_in_place(&mut s.logits[..m * vocab_local], cap);
+            }
         }
         Ok(&s.logits[..m * vocab_local])
     }
+}
+
+/// `x += norm(sums)`: Gemma's output norm between the all-reduce and the residual add.
+fn add_normed_sums(x: &mut [f32], sums: &[i64], norm: &RmsNorm, scratch: &mut [f32]) {
+    for (o, &v) in scratch.iter_mut().zip(sums) {
+        *o = from_fixed(v);
+    }
+    norm.forward_in_place(scratch);
+    ops::add_in_place(x, scratch);
 }
 
 /// `x += sums` unfused: the sums converted to f32 in `scratch`, then added (what fused
@@ -670,6 +729,9 @@ struct Batch<'a> {
     block_size: usize,
     /// Sliding-window attention: a token sees only the last `window` positions.
     window: Option<usize>,
+    /// Scores are q·k times `scale`, then soft-capped (Gemma 2) when `softcap` is set.
+    scale: f32,
+    softcap: Option<f32>,
 }
 
 /// Causal attention of every token of the step over its own sequence's cached positions,
@@ -689,7 +751,7 @@ fn attend<'a, T: KvElem>(
 ) {
     let n = batch.positions.len();
     let (nq, nkv) = (heads.num_q(), heads.num_kv());
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = batch.scale;
     let (score, weighted_sum) = (T::scores_fn(), T::weighted_sum_fn());
     let scores = DisjointChunks::new(scores, 1);
     let out = DisjointChunks::new(&mut out[..n * nq * d], d);
@@ -723,7 +785,11 @@ fn attend<'a, T: KvElem>(
             }
             for (h, i) in sharing.clone().enumerate() {
                 let head_scores = &mut sc[h * seen + first_block * bs..(h + 1) * seen];
-                head_scores[..lo - first_block * bs].fill(f32::NEG_INFINITY);
+                let (outside, inside) = head_scores.split_at_mut(lo - first_block * bs);
+                if let Some(cap) = batch.softcap {
+                    ops::softcap_in_place(inside, cap);
+                }
+                outside.fill(f32::NEG_INFINITY);
                 ops::softmax_in_place(head_scores);
                 // SAFETY: as above.
                 unsafe { out.chunk(t * nq + i) }.fill(0.0);
