@@ -703,9 +703,7 @@ impl Model {
 
 /// `x += norm(sums)`: Gemma's output norm between the all-reduce and the residual add.
 fn add_normed_sums(x: &mut [f32], sums: &[i64], norm: &RmsNorm, scratch: &mut [f32]) {
-    for (o, &v) in scratch.iter_mut().zip(sums) {
-        *o = from_fixed(v);
-    }
+    sums_to_f32(sums, scratch);
     norm.forward_in_place(scratch);
     ops::add_in_place(x, scratch);
 }
@@ -713,10 +711,14 @@ fn add_normed_sums(x: &mut [f32], sums: &[i64], norm: &RmsNorm, scratch: &mut [f
 /// `x += sums` unfused: the sums converted to f32 in `scratch`, then added (what fused
 /// all-reduce saves a pass of).
 fn add_sums_apart(x: &mut [f32], sums: &[i64], scratch: &mut [f32]) {
-    for (o, &v) in scratch.iter_mut().zip(sums) {
+    sums_to_f32(sums, scratch);
+    ops::add_in_place(x, scratch);
+}
+
+fn sums_to_f32(sums: &[i64], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(sums) {
         *o = from_fixed(v);
     }
-    ops::add_in_place(x, scratch);
 }
 
 /// Where each token of a step sits: its sequence (for the block table) and position.

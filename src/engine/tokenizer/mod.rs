@@ -58,39 +58,29 @@ impl Tokenizer {
         self.inner.set_encode_special_tokens(!parse);
     }
 
-    /// Text in a byte this vocabulary lacks would lose characters without a word.
-    fn check_writable(&self, text: &str) -> Result<()> {
-        match text.bytes().find(|b| self.missing_bytes.contains(b)) {
-            Some(b) => bail!(
-                "the text holds the byte 0x{b:02X}, which this model's vocabulary cannot write"
-            ),
-            None => Ok(()),
+    /// The tokenizer's ids of `text` (`what` names it in errors). Text in a byte this
+    /// vocabulary lacks is refused: it would lose characters without a word.
+    fn ids(&self, text: &str, add_special: bool, what: &str) -> Result<Vec<u32>> {
+        if let Some(b) = text.bytes().find(|b| self.missing_bytes.contains(b)) {
+            bail!("the text holds the byte 0x{b:02X}, which this model's vocabulary cannot write");
         }
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| anyhow!("cannot tokenize {what}: {e}"))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Ids of `text`, with the special tokens the tokenizer adds (as transformers'
     /// `tokenizer(text)` does, or llama.cpp's add_bos_token).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.check_writable(text)?;
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
-        Ok(self
-            .bos
-            .into_iter()
-            .chain(enc.get_ids().iter().copied())
-            .collect())
+        let ids = self.ids(text, true, "the prompt")?;
+        Ok(self.bos.into_iter().chain(ids).collect())
     }
 
     /// Ids of `text` without any special tokens added (scoring a text).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        self.check_writable(text)?;
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("cannot tokenize the text: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        self.ids(text, false, "the text")
     }
 
     /// Tokens in the vocabulary, special and added ones included.
@@ -106,14 +96,9 @@ impl Tokenizer {
     /// Ids of a rendered chat prompt: the template writes the special tokens itself, so
     /// none are added, except a BOS the model asks for that the template left out.
     pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>> {
-        self.check_writable(text)?;
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("cannot tokenize the chat prompt: {e}"))?;
-        let ids = enc.get_ids();
+        let ids = self.ids(text, false, "the chat prompt")?;
         let bos = self.bos.filter(|b| ids.first() != Some(b));
-        Ok(bos.into_iter().chain(ids.iter().copied()).collect())
+        Ok(bos.into_iter().chain(ids).collect())
     }
 
     /// The id of a token given by its text, if the vocabulary has it.
