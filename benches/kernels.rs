@@ -1,11 +1,15 @@
 //! Decode kernel throughput against the machine's read bandwidth, one thread:
 //! `cargo bench --bench kernels` (`ROWS=n` sets the matrix height; the default, 65536 × 2048,
 //! is larger than the caches). Prints GB/s of weights streamed per format, and the fraction
-//! of the measured read bandwidth that is.
+//! of the measured read bandwidth that is; then multi-token products, and attention over
+//! scattered KV blocks.
 
+use half::f16;
 use rand::{RngCore, SeedableRng};
 use std::time::Instant;
 use tpserve::bench::bandwidth::{read_bandwidth, DEFAULT_BYTES};
+use tpserve::kernels::attention::{prefetch, KvElem};
+use tpserve::kernels::buffer::LargeArray;
 use tpserve::kernels::{Matrix, Phase, QuantType, Storage, Threads};
 
 /// Random blocks with small, finite f16 scales.
@@ -68,6 +72,46 @@ fn main() {
         );
     }
     multi_token(full, &threads);
+    scattered_kv_blocks(full);
+}
+
+/// Attention's reads of the KV cache: blocks of 16 f16 rows of 64 (2 KiB per head) in a
+/// random order over 64 MiB, scored for three query heads (a GQA group), as decode reads
+/// them; on plain pages or huge pages ([`LargeArray`]), and with or without asking for the
+/// next block ahead ([`prefetch`]). Nanoseconds per block.
+fn scattered_kv_blocks(full: bool) {
+    let (d, rows) = (64, 16);
+    let block = rows * d;
+    let blocks = if full { 32768 } else { 64 };
+    let plain: Vec<f16> = (0..blocks * block)
+        .map(|i| f16::from_f32((i % 7) as f32 * 0.1))
+        .collect();
+    let mut huge = LargeArray::<f16>::zeroed(plain.len()).expect("a mapping");
+    huge.copy_from_slice(&plain);
+    let q: Vec<f32> = (0..3 * d).map(|i| i as f32 * 0.01).collect();
+    let mut out = vec![0.0f32; 3 * rows];
+    let score = f16::scores_fn();
+    let visits = if full { 500_000 } else { 1000 };
+    let order: Vec<usize> = (0..visits).map(|i| i * 7919 % blocks).collect();
+    let mut line = "KV blocks in random order, ns per block of 3 heads:".to_string();
+    for (name, cache) in [("plain pages", &plain[..]), ("huge pages", &huge[..])] {
+        for ahead in [false, true] {
+            let at = |i: usize| &cache[order[i] * block..(order[i] + 1) * block];
+            let start = Instant::now();
+            for i in 0..visits {
+                if ahead && i + 1 < visits {
+                    prefetch(at(i + 1));
+                }
+                for (h, out) in out.chunks_exact_mut(rows).enumerate() {
+                    score(&q[h * d..(h + 1) * d], at(i), d, 0.125, out);
+                }
+            }
+            let ns = start.elapsed().as_secs_f64() / visits as f64 * 1e9;
+            let how = if ahead { "prefetch" } else { "no prefetch" };
+            line += &format!(" {name}, {how}: {ns:.0};");
+        }
+    }
+    println!("{line}");
 }
 
 /// Multi-token products (prompts, decode batches): integer multiply-adds per second for

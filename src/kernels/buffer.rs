@@ -54,3 +54,55 @@ impl std::fmt::Debug for LargeBuffer {
         write!(f, "LargeBuffer({} bytes)", self.len)
     }
 }
+
+/// Types whose all-zero bytes are a valid value (0.0 for the floats).
+///
+/// # Safety
+/// Every bit pattern of `size_of::<Self>()` zero bytes must be a valid `Self`, and `Self`
+/// must have no padding and no drop glue.
+pub unsafe trait ZeroIsValid: Copy + 'static {}
+
+// SAFETY: plain IEEE floats: zero bytes are +0.0, no padding.
+unsafe impl ZeroIsValid for f32 {}
+// SAFETY: as above (a u16 inside).
+unsafe impl ZeroIsValid for half::f16 {}
+// SAFETY: as above (a u16 inside).
+unsafe impl ZeroIsValid for half::bf16 {}
+
+/// A zero-initialised array of `T` on a [`LargeBuffer`]: for the KV cache, whose blocks are
+/// read a few KiB at a time from scattered places, so that each read does not also miss
+/// the TLB (a page walk is slow, and slower under a hypervisor).
+pub struct LargeArray<T: ZeroIsValid> {
+    buf: LargeBuffer,
+    len: usize,
+    _values: std::marker::PhantomData<T>,
+}
+
+impl<T: ZeroIsValid> LargeArray<T> {
+    pub fn zeroed(len: usize) -> std::io::Result<Self> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::OutOfMemory, "array size overflows")
+        })?;
+        Ok(LargeArray {
+            buf: LargeBuffer::zeroed(bytes)?,
+            len,
+            _values: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<T: ZeroIsValid> Deref for LargeArray<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: the mapping is page-aligned (enough for any `T` here), holds `len` values'
+        // bytes, and zero bytes or values written through `deref_mut` are valid `T`s.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr() as *const T, self.len) }
+    }
+}
+
+impl<T: ZeroIsValid> DerefMut for LargeArray<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as above, and `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr() as *mut T, self.len) }
+    }
+}

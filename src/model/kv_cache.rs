@@ -4,6 +4,7 @@
 //! (`--kv-cache-dtype`). Every rank converts the same values alike, so tp N == tp 1 and a
 //! sequence alone == batched hold for each type.
 
+use crate::kernels::buffer::LargeArray;
 use anyhow::{anyhow, bail, Result};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
@@ -37,19 +38,21 @@ impl KvDtype {
 }
 
 /// One layer's keys or values, `[slot][kv head][head_dim]`.
+/// On huge pages ([`LargeArray`]): attention reads it block by block, all over the place.
 enum Rows {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
+    F32(LargeArray<f32>),
+    F16(LargeArray<f16>),
+    BF16(LargeArray<bf16>),
 }
 
 impl Rows {
-    fn new(dtype: KvDtype, len: usize) -> Self {
-        match dtype {
-            KvDtype::F32 => Rows::F32(vec![0.0; len]),
-            KvDtype::F16 => Rows::F16(vec![f16::ZERO; len]),
-            KvDtype::BF16 => Rows::BF16(vec![bf16::ZERO; len]),
-        }
+    fn new(dtype: KvDtype, len: usize) -> Result<Self> {
+        let too_large = |e| anyhow!("cannot map {len} KV cache values: {e}");
+        Ok(match dtype {
+            KvDtype::F32 => Rows::F32(LargeArray::zeroed(len).map_err(too_large)?),
+            KvDtype::F16 => Rows::F16(LargeArray::zeroed(len).map_err(too_large)?),
+            KvDtype::BF16 => Rows::BF16(LargeArray::zeroed(len).map_err(too_large)?),
+        })
     }
 
     fn store(&mut self, at: usize, x: &[f32]) {
@@ -99,8 +102,12 @@ impl KvCache {
                 anyhow!("a KV cache of {num_blocks} blocks of {block_size} positions is too large")
             })?;
         Ok(KvCache {
-            keys: (0..layers).map(|_| Rows::new(dtype, len)).collect(),
-            values: (0..layers).map(|_| Rows::new(dtype, len)).collect(),
+            keys: (0..layers)
+                .map(|_| Rows::new(dtype, len))
+                .collect::<Result<_>>()?,
+            values: (0..layers)
+                .map(|_| Rows::new(dtype, len))
+                .collect::<Result<_>>()?,
             dtype,
             row,
             head_dim,

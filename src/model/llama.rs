@@ -3,7 +3,7 @@
 
 use super::kv_cache::{KvCache, KvDtype, KvLayer};
 use crate::comm::Comm;
-use crate::kernels::attention::KvElem;
+use crate::kernels::attention::{prefetch, KvElem};
 use crate::kernels::fixed::from_fixed;
 use crate::kernels::threads::DisjointChunks;
 use crate::kernels::{ops, Phase, Threads};
@@ -778,13 +778,21 @@ fn attend<'a, T: KvElem>(
             let first_block = lo / bs;
             // SAFETY: unit u's heads, their scores and outputs, belong to one thread only.
             let sc = unsafe { scores.range(first..first + sharing.len() * seen) };
+            let next = |cache: &'a [T], b: usize| {
+                if b < blocks.len() {
+                    prefetch(rows(cache, b).1);
+                }
+            };
+            next(keys, first_block);
             for b in first_block..blocks.len() {
+                next(keys, b + 1);
                 let (at, keys) = rows(keys, b);
                 for (h, i) in sharing.clone().enumerate() {
                     let out = &mut sc[h * seen + at.start..h * seen + at.end];
                     score(q(i), keys, d, scale, out);
                 }
             }
+            next(values, first_block);
             for (h, i) in sharing.clone().enumerate() {
                 let head_scores = &mut sc[h * seen + first_block * bs..(h + 1) * seen];
                 let (outside, inside) = head_scores.split_at_mut(lo - first_block * bs);
@@ -797,6 +805,7 @@ fn attend<'a, T: KvElem>(
                 unsafe { out.chunk(t * nq + i) }.fill(0.0);
             }
             for b in first_block..blocks.len() {
+                next(values, b + 1);
                 let (at, values) = rows(values, b);
                 for (h, i) in sharing.clone().enumerate() {
                     let weights = &sc[h * seen + at.start..h * seen + at.end];
