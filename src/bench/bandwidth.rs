@@ -20,7 +20,7 @@ pub fn read_bandwidth(threads: usize, cores: &[usize], bytes: usize, reps: usize
                 let core = cores.get(t).copied();
                 scope.spawn(move || {
                     if let Some(core) = core {
-                        crate::engine::affinity::pin_to_core(core);
+                        crate::kernels::affinity::pin_to_core(core);
                     }
                     // Written by this thread, so its pages sit near its core; huge pages
                     // where the system allows, as the weights have.

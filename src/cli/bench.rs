@@ -4,7 +4,8 @@
 use crate::bench::bandwidth::{read_bandwidth, DEFAULT_BYTES};
 use crate::bench::one_batch::{run_batch, BatchSpec, BatchTimes};
 use crate::engine::runtime::{RankMemory, DEFAULT_BLOCK_SIZE};
-use crate::engine::{self, affinity, GroupOptions, Launch};
+use crate::engine::{self, GroupOptions, Launch};
+use crate::kernels::affinity;
 use crate::loader;
 use anyhow::{bail, Result};
 use clap::Args;

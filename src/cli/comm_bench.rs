@@ -2,8 +2,8 @@
 //! all_reduce_perf), for the local backend (threads) or MPI (processes).
 
 use crate::comm::{Comm, LocalGroup};
-use crate::engine::affinity;
 use crate::engine::Launch;
+use crate::kernels::affinity;
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use serde_json::{json, Value};

@@ -1,10 +1,10 @@
 //! `tpserve serve` (also `launch_server`): SGLang's launch_server, with its flag names.
 
-use crate::engine::affinity::parse_cpu_list;
 use crate::engine::grammar::Grammars;
 use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
 use crate::engine::scheduler::{self, EngineHandle, SchedulePolicy, SchedulerConfig, Stats};
 use crate::engine::{self, ChatTemplate, GroupOptions, Launch, Tokenizer};
+use crate::kernels::affinity::parse_cpu_list;
 use crate::loader::{self, ModelConfig, ModelFiles};
 use crate::model::ShardPlan;
 use crate::server::{self, AppState};

@@ -13,6 +13,7 @@
 use super::Comm;
 use anyhow::{bail, Result};
 use std::cell::UnsafeCell;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -62,11 +63,28 @@ fn spin_budget(size: usize, cores: usize) -> Duration {
     }
 }
 
-#[derive(Default)]
+/// One rank's published data. Peers read it, and in a reduce-scatter the owner writes its
+/// own chunk back while peers read theirs, so those accesses go through `data`, a raw
+/// pointer into `words`: no `&mut` to the slot exists while a peer may read it.
 struct Slot {
     words: Vec<u64>,
+    /// `words`' buffer, refreshed whenever the owner (re)writes the slot.
+    data: NonNull<u64>,
     len_bytes: usize,
 }
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            words: Vec::new(),
+            data: NonNull::dangling(),
+            len_bytes: 0,
+        }
+    }
+}
+
+// SAFETY: `data` points into `words`, which the slot owns.
+unsafe impl Send for Slot {}
 
 impl Slot {
     fn write<'t, T: Element>(&mut self, parts: impl Iterator<Item = &'t [T]> + Clone) {
@@ -80,6 +98,7 @@ impl Slot {
             at += part.len();
         }
         self.len_bytes = total * size;
+        self.data = NonNull::from(&mut self.words[..]).cast();
     }
 
     fn write_bytes(&mut self, data: &[u8]) {
@@ -87,6 +106,7 @@ impl Slot {
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut self.words);
         dst[..data.len()].copy_from_slice(data);
         self.len_bytes = data.len();
+        self.data = NonNull::from(&mut self.words[..]).cast();
     }
 
     fn reserve_bytes(&mut self, bytes: usize) {
@@ -94,6 +114,17 @@ impl Slot {
         if self.words.len() < words {
             self.words.resize(words, 0);
         }
+    }
+
+    /// Elements `range` of the published data, as `T`, through `data`.
+    ///
+    /// # Safety
+    /// The slot holds at least `range.end` `T`s, and nobody writes them while the slice lives.
+    unsafe fn chunk<T: Element>(&self, range: std::ops::Range<usize>) -> &[T] {
+        std::slice::from_raw_parts(
+            (self.data.as_ptr() as *const T).add(range.start),
+            range.len(),
+        )
     }
 
     fn elems<T: Element>(&self) -> &[T] {
@@ -112,8 +143,10 @@ struct Shared {
     slots: Vec<[UnsafeCell<Slot>; 2]>,
 }
 
-// SAFETY: a slot is written only by its owner, and only while no other rank reads it (the
-// double-buffering protocol above); the barrier's acquire/release orders the accesses.
+// SAFETY: a slot is written only by its owner: whole (through `&mut`) only while no other
+// rank reads it (the double-buffering protocol above), and in a reduce-scatter one chunk
+// that no peer reads then, through the slot's raw `data` pointer. The barrier's
+// acquire/release orders the accesses.
 unsafe impl Sync for Shared {}
 
 /// One rank's member of a [`LocalGroup`].
@@ -167,12 +200,11 @@ impl LocalComm {
         self.scratch.clear();
         self.scratch.resize(words, 0);
         let acc: &mut [T] = &mut bytemuck::cast_slice_mut(&mut self.scratch)[..mine.len()];
-        // SAFETY: in this phase every rank only reads other ranks' slots, each its own
-        // chunk; writing our chunk back waits until all our reads are done.
+        // SAFETY: in this phase every rank reads every slot's chunk `mine` of its own only,
+        // through `data`; our chunk is written back (through `data` too) after our reads.
         unsafe {
             for (r, slot) in slots.iter().enumerate() {
-                let src = (*slot[self.parity].get()).words.as_ptr() as *const T;
-                let src = std::slice::from_raw_parts(src.add(mine.start), mine.len());
+                let src = (*slot[self.parity].get()).chunk::<T>(mine.clone());
                 if r == 0 {
                     acc.copy_from_slice(src);
                 } else {
@@ -181,7 +213,7 @@ impl LocalComm {
                     }
                 }
             }
-            let own = (*slots[self.rank][self.parity].get()).words.as_mut_ptr() as *mut T;
+            let own = (*slots[self.rank][self.parity].get()).data.as_ptr() as *mut T;
             std::ptr::copy_nonoverlapping(acc.as_ptr(), own.add(mine.start), mine.len());
         }
         self.sync()?;
@@ -209,10 +241,7 @@ impl LocalComm {
             let (lo, hi) = (chunk.start.max(offset), chunk.end.min(end));
             if lo < hi {
                 // SAFETY: after the reduce-scatter barrier, chunks are only read.
-                let owner = unsafe {
-                    let p = (*self.shared.slots[r][self.parity].get()).words.as_ptr() as *const T;
-                    std::slice::from_raw_parts(p.add(lo), hi - lo)
-                };
+                let owner = unsafe { self.slot(r).chunk::<T>(lo..hi) };
                 out[lo - offset..hi - offset].copy_from_slice(owner);
             }
         }
@@ -253,9 +282,7 @@ impl Comm for LocalComm {
 
     fn all_reduce_many(&mut self, tensors: &mut [&mut [f32]]) -> Result<()> {
         let len: usize = tensors.iter().map(|t| t.len()).sum();
-        // SAFETY: as in `own_slot`; the tensors are only read here.
-        let own = unsafe { &mut *self.shared.slots[self.rank][self.parity].get() };
-        own.write(tensors.iter().map(|t| &**t));
+        self.own_slot().write(tensors.iter().map(|t| &**t));
         self.sync()?;
         let scattered = self.reduce::<f32>(len)?;
         let mut offset = 0;

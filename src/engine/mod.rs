@@ -1,6 +1,5 @@
 //! The rank runtime, step plans, sampling, tokenizer and generation.
 
-pub mod affinity;
 pub mod chat;
 pub mod generate;
 pub mod grammar;

@@ -1,11 +1,11 @@
 //! The rank runtime: N ranks as threads, each loading its shard; rank 0 drives, the others
 //! run the worker loop (receive a step plan, run the forward pass, contribute).
 
-use super::affinity;
 use super::grammar;
 use super::plan::{self, Gather, PlanKind, ReceivedPlan, RowMask};
 use super::sampling::{by_logit, logit_key};
 use crate::comm::{Comm, LocalGroup};
+use crate::kernels::affinity;
 use crate::kernels::{Phase, Threads};
 use crate::loader::{ModelConfig, TensorSource};
 use crate::model::{ForwardOptions, KvCache, Logits, Model, SeqStep};

@@ -2,6 +2,7 @@
 //! softmax, activations. SIMD with run-time CPU-feature dispatch; each SIMD kernel has a
 //! scalar twin. Nothing here knows about tensor parallelism.
 
+pub mod affinity;
 pub mod attention;
 pub mod buffer;
 pub mod dot;

@@ -33,6 +33,10 @@ struct Job {
 }
 
 struct Shared {
+    /// Set while a job is handed out: a second caller at the same time (another thread,
+    /// or a product started from inside a product) finds it set and runs its work inline,
+    /// so `job` never has two writers.
+    busy: AtomicBool,
     /// Bumped once per job (and once to stop); workers run their part of each.
     generation: AtomicU64,
     /// Written by the owner before bumping `generation`, read by workers after seeing it.
@@ -46,8 +50,9 @@ struct Shared {
     wake: Condvar,
 }
 
-// SAFETY: `job` is written only by the owner while no part runs (remaining == 0) and read
-// by workers only between a generation bump and their decrement of `remaining`.
+// SAFETY: `job` is written only by the caller that set `busy`, while no part runs
+// (remaining == 0), and read by workers only between a generation bump and their decrement
+// of `remaining`.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -96,9 +101,24 @@ fn worker(shared: &Shared, index: usize) {
 }
 
 impl Pool {
-    /// `f` over `0..n` in `parts` ranges: part 0 here, the others on the workers.
+    /// `f` over `0..n` in `parts` ranges: part 0 here, the others on the workers (or all
+    /// here, when the pool is already running a product).
     fn run(&self, n: usize, parts: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
         let s = &*self.shared;
+        if s.busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return f(0..n);
+        }
+        // Cleared however this call ends, a panic included.
+        struct Release<'a>(&'a AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _release = Release(&s.busy);
         // SAFETY: erasing the lifetime is sound because this function does not return
         // before every worker is done with `f` (remaining == 0 below).
         let f: *const (dyn Fn(Range<usize>) + Sync) = unsafe { std::mem::transmute(f) };
@@ -155,6 +175,7 @@ impl Threads {
             return Ok(Threads { pool: None, count });
         }
         let shared = Arc::new(Shared {
+            busy: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             job: UnsafeCell::new(None),
             remaining: AtomicUsize::new(0),
@@ -172,7 +193,7 @@ impl Threads {
                 .name(format!("tpserve-kernel-{i}"))
                 .spawn(move || {
                     if let Some(core) = core {
-                        crate::engine::affinity::pin_to_core(core);
+                        crate::kernels::affinity::pin_to_core(core);
                     }
                     worker(&shared, i);
                 })?;
@@ -289,5 +310,48 @@ mod tests {
             sum.fetch_add(r.sum::<usize>(), Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 45);
+    }
+
+    /// Counts how often each of `0..n` is visited by `for_each_range`.
+    fn visits(threads: &Threads, n: usize, inner: impl Fn(usize) + Sync) -> Vec<usize> {
+        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        threads.for_each_range(n, |r| {
+            for i in r {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+                inner(i);
+            }
+        });
+        hits.into_iter().map(|h| h.into_inner()).collect()
+    }
+
+    #[test]
+    fn callers_on_several_threads_each_get_every_item_once() {
+        let threads = Threads::new(3, &[]).unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for n in [7, 64, 300] {
+                        for _ in 0..300 {
+                            assert!(visits(&threads, n, |_| {}).iter().all(|&h| h == 1));
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_product_started_inside_a_product_runs_every_item_once() {
+        let threads = Threads::new(3, &[]).unwrap();
+        for _ in 0..100 {
+            let inner_ok = AtomicUsize::new(0);
+            let outer = visits(&threads, 12, |_| {
+                if visits(&threads, 9, |_| {}).iter().all(|&h| h == 1) {
+                    inner_ok.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(outer.iter().all(|&h| h == 1));
+            assert_eq!(inner_ok.into_inner(), 12);
+        }
     }
 }
