@@ -520,6 +520,32 @@ async fn a_raising_chat_template_fails_only_its_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Without --max-total-tokens the cache is sized by the engine after loading, at most what
+/// every running request at full context needs, and the server reports that size.
+#[tokio::test(flavor = "multi_thread")]
+async fn kv_capacity_from_memory_is_what_the_engine_allocated() {
+    let s = start(&[
+        "--tp",
+        "2",
+        "--mem-fraction-static",
+        "1",
+        "--max-running-requests",
+        "2",
+        "--context-length",
+        "100",
+    ])
+    .await;
+    let v: Value = reqwest::get(format!("{}/get_server_info", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // 2 requests × 100 tokens, in whole blocks of 16.
+    assert_eq!(v["max_total_tokens"], 208, "{v}");
+    assert_eq!(v["kv_cache"]["total_tokens"], 208, "{v}");
+}
+
 #[test]
 fn bad_flags_are_clear_errors() {
     let model = common::smollm2();
@@ -533,6 +559,10 @@ fn bad_flags_are_clear_errors() {
             "--mem-fraction-static",
         ),
         (vec!["--context-length", "100000"], "--context-length"),
+        (
+            vec!["--mem-fraction-static", "0.0000000001"],
+            "after loading the weights",
+        ),
         (vec!["--log-level", "loud"], "--log-level"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tpserve"))

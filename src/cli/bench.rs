@@ -3,6 +3,7 @@
 
 use crate::bench::bandwidth::{read_bandwidth, DEFAULT_BYTES};
 use crate::bench::one_batch::{run_batch, BatchSpec, BatchTimes};
+use crate::engine::kv_capacity::KvCapacity;
 use crate::engine::runtime::{RankMemory, DEFAULT_BLOCK_SIZE};
 use crate::engine::{self, GroupOptions, Launch};
 use crate::kernels::affinity;
@@ -119,7 +120,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let opts = GroupOptions {
             tp,
             threads_per_rank: Some(args.threads_per_rank),
-            kv_blocks: max_batch * longest.blocks_per_seq(DEFAULT_BLOCK_SIZE),
+            kv: KvCapacity::Tokens(
+                max_batch * longest.blocks_per_seq(DEFAULT_BLOCK_SIZE) * DEFAULT_BLOCK_SIZE,
+            ),
             block_size: DEFAULT_BLOCK_SIZE,
             cpus: cpus.clone(),
             progress: None,

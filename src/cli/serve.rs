@@ -1,12 +1,12 @@
 //! `tpserve serve` (also `launch_server`): SGLang's launch_server, with its flag names.
 
 use crate::engine::grammar::Grammars;
+use crate::engine::kv_capacity::KvCapacity;
 use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
 use crate::engine::scheduler::{self, EngineHandle, SchedulePolicy, SchedulerConfig, Stats};
 use crate::engine::{self, ChatTemplate, GroupOptions, Launch, Tokenizer};
 use crate::kernels::affinity::parse_cpu_list;
-use crate::loader::{self, ModelConfig, ModelFiles};
-use crate::model::ShardPlan;
+use crate::loader::{self, ModelFiles};
 use crate::server::{self, AppState};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -122,7 +122,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(0) => bail!("--context-length must be at least 1"),
         Some(n) => n,
     };
-    let max_total_tokens = kv_capacity(&args, tp, &cfg, files.tensors.as_ref(), context_length)?;
+    let kv = match args.max_total_tokens {
+        Some(0) => bail!("--max-total-tokens must be at least 1"),
+        Some(n) => KvCapacity::Tokens(n),
+        None => KvCapacity::MemoryFraction {
+            fraction: args.mem_fraction_static,
+            at_most_tokens: args.max_running_requests.saturating_mul(context_length),
+        },
+    };
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {
         args.model_path
             .file_name()
@@ -136,7 +143,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let opts = GroupOptions {
         tp,
         threads_per_rank: args.threads_per_rank,
-        kv_blocks: max_total_tokens.div_ceil(DEFAULT_BLOCK_SIZE),
+        kv,
         block_size: DEFAULT_BLOCK_SIZE,
         cpus,
         progress: Some(progress.clone()),
@@ -158,14 +165,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let mut stop_ids = cfg.eos_token_ids.clone();
     stop_ids.extend(tokenizer.end_of_turn_ids());
-    let server_args = json!({
+    let mut server_args = json!({
         "model_path": args.model_path,
         "served_model_name": model_name,
         "tp_size": tp,
         "threads_per_rank": opts.threads_per_rank(),
         "context_length": context_length,
         "max_running_requests": args.max_running_requests,
-        "max_total_tokens": opts.kv_blocks * DEFAULT_BLOCK_SIZE,
         "chunked_prefill_size": args.chunked_prefill_size,
         "disable_radix_cache": args.disable_radix_cache,
         "schedule_policy": args.schedule_policy,
@@ -183,6 +189,41 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ),
         Err(why) => tracing::warn!("constrained decoding is off for this model: {why}"),
     }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let address = format!("{}:{}", args.host, args.port);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&address))
+        .with_context(|| {
+            format!("cannot listen on {address}: is another server using the port? (--port)")
+        })?;
+
+    // The engine: tp ranks as threads; rank 0 runs the scheduler until shutdown.
+    let (ready_tx, ready_rx) = mpsc::channel::<usize>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    let engine_thread = std::thread::Builder::new()
+        .name("tpserve-engine".into())
+        .spawn(move || {
+            let ModelFiles {
+                tensors, config, ..
+            } = files;
+            let result = engine::run_group(launch, tensors.as_ref(), &config, &opts, |driver| {
+                let _ = ready_tx.send(driver.kv_capacity());
+                scheduler::run(driver, &sched, command_rx, &stats)
+            });
+            let _ = done_tx.send(result.map(|_| ()));
+        })?;
+    let Some(max_total_tokens) = show_loading(&progress, cfg.num_layers * tp, &ready_rx) else {
+        let _ = engine_thread.join();
+        let result = runtime
+            .block_on(done_rx)
+            .unwrap_or_else(|_| Err(anyhow!("the engine stopped")));
+        return result.context("the model could not be loaded");
+    };
+    server_args["max_total_tokens"] = json!(max_total_tokens);
     let state = Arc::new(AppState {
         engine: handle.clone(),
         grammars,
@@ -197,40 +238,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         server_args,
         stop_ids,
     });
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let address = format!("{}:{}", args.host, args.port);
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(&address))
-        .with_context(|| {
-            format!("cannot listen on {address}: is another server using the port? (--port)")
-        })?;
-
-    // The engine: tp ranks as threads; rank 0 runs the scheduler until shutdown.
-    let (ready_tx, ready_rx) = mpsc::channel::<()>();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<()>>();
-    let engine_thread = std::thread::Builder::new()
-        .name("tpserve-engine".into())
-        .spawn(move || {
-            let ModelFiles {
-                tensors, config, ..
-            } = files;
-            let result = engine::run_group(launch, tensors.as_ref(), &config, &opts, |driver| {
-                let _ = ready_tx.send(());
-                scheduler::run(driver, &sched, command_rx, &stats)
-            });
-            let _ = done_tx.send(result.map(|_| ()));
-        })?;
-    if !show_loading(&progress, cfg.num_layers * tp, &ready_rx) {
-        let _ = engine_thread.join();
-        let result = runtime
-            .block_on(done_rx)
-            .unwrap_or_else(|_| Err(anyhow!("the engine stopped")));
-        return result.context("the model could not be loaded");
-    }
     tracing::info!(
         "tpserve ready on http://{address} (model {model_name}, tp {}, {} KV tokens)",
         tp,
@@ -295,51 +302,13 @@ fn load_chat_template(args: &ServeArgs, files: &ModelFiles) -> Result<Option<Cha
     }
 }
 
-/// KV cache capacity in tokens: --max-total-tokens, or what --mem-fraction-static of the
-/// available memory holds (all ranks' kv heads together), at most enough for every running
-/// request at full context.
-fn kv_capacity(
-    args: &ServeArgs,
-    tp: usize,
-    cfg: &ModelConfig,
-    src: &dyn loader::TensorSource,
-    context_length: usize,
-) -> Result<usize> {
-    if let Some(n) = args.max_total_tokens {
-        if n == 0 {
-            bail!("--max-total-tokens must be at least 1");
-        }
-        return Ok(n);
-    }
-    let mut per_token = 0;
-    for rank in 0..tp {
-        let kv_heads = ShardPlan::new(cfg, src, tp, rank)?.heads.num_kv();
-        per_token += cfg.kv_bytes_per_token(kv_heads, args.forward.kv_cache_dtype.bytes());
-    }
-    let available = available_memory().unwrap_or(4 << 30);
-    let fits = (available as f64 * args.mem_fraction_static) as usize / per_token.max(1);
-    let wanted = args.max_running_requests * context_length;
-    if fits < DEFAULT_BLOCK_SIZE {
-        bail!(
-            "{:.1} GiB of memory leaves no room for the KV cache ({per_token} bytes per token); \
-             raise --mem-fraction-static or give --max-total-tokens",
-            available as f64 / (1u64 << 30) as f64
-        );
-    }
-    Ok(fits.min(wanted))
-}
-
-/// MemAvailable from /proc/meminfo, in bytes.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// A progress bar over the layers loaded by all ranks, until the engine is ready (true) or
-/// stops (false).
-fn show_loading(progress: &AtomicUsize, total: usize, ready: &mpsc::Receiver<()>) -> bool {
+/// A progress bar over the layers loaded by all ranks, until the engine is ready (its KV
+/// capacity in tokens) or stops (`None`).
+fn show_loading(
+    progress: &AtomicUsize,
+    total: usize,
+    ready: &mpsc::Receiver<usize>,
+) -> Option<usize> {
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers ({elapsed})")
@@ -348,16 +317,17 @@ fn show_loading(progress: &AtomicUsize, total: usize, ready: &mpsc::Receiver<()>
     loop {
         bar.set_position(progress.load(Ordering::Relaxed) as u64);
         match ready.recv_timeout(Duration::from_millis(100)) {
-            Ok(()) => break,
+            Ok(tokens) => {
+                bar.finish_and_clear();
+                return Some(tokens);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 bar.abandon();
-                return false;
+                return None;
             }
         }
     }
-    bar.finish_and_clear();
-    true
 }
 
 async fn shutdown_signal() {

@@ -4,6 +4,7 @@ pub mod chat;
 pub mod generate;
 pub mod grammar;
 pub mod kv_blocks;
+pub mod kv_capacity;
 pub mod perplexity;
 pub mod plan;
 pub mod prefix_cache;

@@ -2,6 +2,7 @@
 //! run the worker loop (receive a step plan, run the forward pass, contribute).
 
 use super::grammar;
+use super::kv_capacity::KvCapacity;
 use super::plan::{self, Gather, PlanKind, ReceivedPlan, RowMask};
 use super::sampling::{by_logit, logit_key};
 use crate::comm::{Comm, LocalGroup};
@@ -21,8 +22,8 @@ pub struct GroupOptions {
     pub tp: usize,
     /// Kernel threads per rank; `None`: the machine's cores divided by tp, at least 1.
     pub threads_per_rank: Option<usize>,
-    /// KV cache blocks each rank allocates.
-    pub kv_blocks: usize,
+    /// The KV cache's size, decided once the weights are loaded.
+    pub kv: KvCapacity,
     /// Positions per KV block.
     pub block_size: usize,
     /// Cores the ranks may use (`--cpus`); `None`: all of the process's.
@@ -42,7 +43,7 @@ impl GroupOptions {
         GroupOptions {
             tp,
             threads_per_rank,
-            kv_blocks: positions.div_ceil(DEFAULT_BLOCK_SIZE).max(1),
+            kv: KvCapacity::Tokens(positions),
             block_size: DEFAULT_BLOCK_SIZE,
             cpus: None,
             progress: None,
@@ -556,11 +557,11 @@ fn run_rank<T>(
         }
         let mut comm: Box<dyn Comm> = Box::new(comm);
         let tp = comm.size();
-        // Ranks on other machines may see other memory sizes: rank 0's cache size rules.
-        let kv_blocks = agree(&mut *comm, opts.kv_blocks)?;
         let threads = Threads::new(threads_per_rank, cores)?;
         let mut model = Model::load(src, cfg, tp, rank_id, threads, opts.progress.as_deref())?;
         model.set_options(opts.forward);
+        let per_token = model.kv_bytes_per_token();
+        let kv_blocks = opts.kv.blocks(&mut *comm, per_token, opts.block_size)?;
         let kv = model.new_kv_cache(kv_blocks, opts.block_size)?;
         // Every rank has its shard before any plan flows.
         comm.barrier()?;
@@ -599,15 +600,6 @@ fn run_rank<T>(
 }
 
 /// Rank 0's `value` on every rank.
-fn agree(comm: &mut dyn Comm, value: usize) -> Result<usize> {
-    let mut bytes = (value as u64).to_le_bytes().to_vec();
-    comm.broadcast(&mut bytes, 0)?;
-    let bytes: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| anyhow!("rank 0 sent a malformed setting"))?;
-    Ok(u64::from_le_bytes(bytes) as usize)
-}
-
 /// The first error that is not merely another rank reporting the abort.
 fn first_root_cause<T>(results: Vec<Result<Option<T>>>) -> Result<T> {
     let mut first_err = None;

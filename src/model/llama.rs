@@ -464,6 +464,13 @@ impl Model {
         self.weight_bytes() - embedding_only
     }
 
+    /// Bytes this rank's KV cache takes per position.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let kv_heads = self.plan.heads.num_kv();
+        self.cfg
+            .kv_bytes_per_token(kv_heads, self.options.kv_dtype.bytes())
+    }
+
     /// An empty KV cache of `num_blocks` blocks of `block_size` positions, for this rank's
     /// kv heads. Attention scores are sized for it at once: a decode step (one token per
     /// sequence) never needs more, so decode never allocates them.
