@@ -44,9 +44,15 @@ pub struct ChatTemplate {
 
 const NAME: &str = "chat";
 
+/// Template instructions one render may run: real templates take thousands per message;
+/// a hostile one (nested loops over huge ranges) stops with an error instead of holding a
+/// server thread for ever.
+const FUEL: u64 = 5_000_000;
+
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // transformers templates signal bad input this way.

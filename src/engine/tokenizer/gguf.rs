@@ -39,6 +39,7 @@ pub struct Built {
 }
 
 pub fn build(t: &GgufTokenizer) -> Result<Built> {
+    check_lengths(t)?;
     let pre = t.pre.as_deref();
     let (mut inner, bos_by_default, missing_bytes) = match t.model.as_str() {
         "gpt2" => {
@@ -63,6 +64,32 @@ pub fn build(t: &GgufTokenizer) -> Result<Built> {
         missing_bytes,
         literal_pieces,
     })
+}
+
+/// Every per-token array has one entry per token, and the special ids name tokens.
+fn check_lengths(t: &GgufTokenizer) -> Result<()> {
+    let n = t.tokens.len();
+    if n == 0 {
+        bail!("the GGUF tokenizer has no tokens");
+    }
+    if t.token_types.len() != n {
+        bail!(
+            "tokenizer.ggml.token_type has {} entries for {n} tokens",
+            t.token_types.len()
+        );
+    }
+    if t.model == "llama" && t.scores.len() != n {
+        bail!(
+            "tokenizer.ggml.scores has {} entries for {n} tokens",
+            t.scores.len()
+        );
+    }
+    for (what, id) in [("bos", t.bos_id), ("unknown", t.unk_id)] {
+        if let Some(id) = id.filter(|&id| id as usize >= n) {
+            bail!("the {what} token id {id} is outside the vocabulary of {n} tokens");
+        }
+    }
+    Ok(())
 }
 
 /// Control tokens (<|im_start|>, <s> …) are matched whole in text unless special-token
@@ -108,6 +135,15 @@ fn byte_level_bpe(t: &GgufTokenizer) -> Result<(tokenizers::Tokenizer, Vec<u8>)>
                 .ok_or_else(|| anyhow!("BPE merge {m:?} is not two tokens separated by a space"))
         })
         .collect::<Result<Vec<_>>>()?;
+    // Checked here: `tokenizers` panics on a merge longer than every token.
+    for (a, b) in &merges {
+        let joined = format!("{a}{b}");
+        for part in [a, b, &joined] {
+            if !vocab.contains_key(part) {
+                bail!("BPE merge {a:?} + {b:?}: {part:?} is not in the vocabulary");
+            }
+        }
+    }
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .ignore_merges(pretokenizers::ignores_merges(t.pre.as_deref()))
