@@ -93,6 +93,22 @@ fn decoding_returns_the_text() {
 }
 
 /// Control tokens in text are tokens when special parsing is on, text when it is off.
+/// SentencePiece writes a character it has no token for as byte tokens (`<0xF0>` …): the
+/// whole run decodes to the character, and a run cut short (invalid UTF-8) to U+FFFD, as
+/// transformers does, never an error or a panic.
+#[test]
+fn byte_fallback_runs_decode_whole_or_as_replacement_characters() {
+    let t = literal_tokenizer("llama-spm");
+    let ids = t.encode("a𝄞b").unwrap();
+    assert_eq!(t.decode(&ids, true).unwrap().trim_start(), "a𝄞b");
+    // The clef is four byte tokens; cut after two of them.
+    let first_byte = ids.iter().position(|&id| id > 200 && id < 260).expect("byte tokens");
+    let cut = &ids[..first_byte + 2];
+    let text = t.decode(cut, true).unwrap();
+    assert!(text.ends_with('\u{FFFD}'), "{text:?}");
+    assert!(!text.contains('𝄞'), "{text:?}");
+}
+
 #[test]
 fn control_tokens_parse_only_when_asked() {
     let spec = open_tokenizer(&vocab("llama-spm")).unwrap();
