@@ -102,7 +102,10 @@ fn byte_fallback_runs_decode_whole_or_as_replacement_characters() {
     let ids = t.encode("a𝄞b").unwrap();
     assert_eq!(t.decode(&ids, true).unwrap().trim_start(), "a𝄞b");
     // The clef is four byte tokens; cut after two of them.
-    let first_byte = ids.iter().position(|&id| id > 200 && id < 260).expect("byte tokens");
+    let first_byte = ids
+        .iter()
+        .position(|&id| id > 200 && id < 260)
+        .expect("byte tokens");
     let cut = &ids[..first_byte + 2];
     let text = t.decode(cut, true).unwrap();
     assert!(text.ends_with('\u{FFFD}'), "{text:?}");
