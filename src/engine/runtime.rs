@@ -599,7 +599,6 @@ fn run_rank<T>(
     result.map_err(|e| e.context(format!("rank {rank_id}")))
 }
 
-/// Rank 0's `value` on every rank.
 /// The first error that is not merely another rank reporting the abort.
 fn first_root_cause<T>(results: Vec<Result<Option<T>>>) -> Result<T> {
     let mut first_err = None;
