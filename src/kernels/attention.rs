@@ -1,6 +1,7 @@
 //! Attention's two products over a run of cached rows (one KV block: rows `stride` values
 //! apart), for each type the KV cache stores (f32, f16, bf16): the scores of a query against
-//! each key, and the softmax-weighted sum of the values.
+//! each key, and the softmax-weighted sum of the values; and the online softmax that joins
+//! them block by block.
 //!
 //! A score sums its products in eight lanes (one fused multiply-add per element, eight
 //! elements apart), then adds the lanes pairwise, then the tail past a multiple of eight:
@@ -40,6 +41,49 @@ pub fn prefetch<T>(rows: &[T]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = rows;
+}
+
+/// `scores[i] = exp(scores[i] − max)` for every score; returns their sum, added in eight
+/// lanes (score i in lane i mod 8) and then pairwise. exp is a polynomial of fused
+/// multiply-adds, within 2 ulp of the true value; below −87 it is exactly 0.
+pub type ExpSumFn = fn(scores: &mut [f32], max: f32) -> f32;
+
+/// The fastest exact [`ExpSumFn`] this CPU runs.
+pub fn exp_sum_fn() -> ExpSumFn {
+    #[cfg(target_arch = "x86_64")]
+    if x86::supported() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return |s, max| unsafe { x86::exp_sum(s, max) };
+    }
+    scalar::exp_sum
+}
+
+/// One KV block's step of online softmax (flash attention's running form) for one query
+/// head: `scores` (this block's, masked ones −∞) become the block's unnormalised weights
+/// `exp(score − max)`, after `max` has risen to the block's largest score and `sum` and
+/// `out` (the weighted sum so far) have been rescaled to it; `sum` gains the weights.
+/// Returns false, and leaves everything as it was, when every score is −∞: the block
+/// adds nothing. Dividing `out` by `sum` after the last block gives the attention output,
+/// with no buffer that grows with the context.
+pub fn online_softmax_step(
+    exp_sum: ExpSumFn,
+    scores: &mut [f32],
+    max: &mut f32,
+    sum: &mut f32,
+    out: &mut [f32],
+) -> bool {
+    let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if block_max == f32::NEG_INFINITY {
+        return false;
+    }
+    if block_max > *max {
+        let rescale = scalar::exp(*max - block_max);
+        *sum *= rescale;
+        out.iter_mut().for_each(|o| *o *= rescale);
+        *max = block_max;
+    }
+    *sum += exp_sum(scores, *max);
+    true
 }
 
 /// Checks that every row lies inside `rows`.
@@ -86,6 +130,50 @@ kv_elem!(bf16, bf16::to_f32, scores_bf16, weighted_sum_bf16);
 pub mod scalar {
     use super::*;
 
+    /// Cephes' single-precision exp: `x = n·ln 2 + r`, a degree-6 polynomial in `r`, times
+    /// 2ⁿ built from its bits. Every step is one the SIMD kernel takes lane by lane.
+    pub fn exp(x: f32) -> f32 {
+        use exp_consts::*;
+        // `min(HI, x)` and `max(LO, ·)` as the SIMD instructions do them: the second
+        // operand when unordered, so NaN stays NaN.
+        let clamped = {
+            let hi = if HI < x { HI } else { x };
+            if LO > hi {
+                LO
+            } else {
+                hi
+            }
+        };
+        let n = (clamped * LOG2E).round_ties_even();
+        let r = n.mul_add(-LN2_HI, clamped);
+        let r = n.mul_add(-LN2_LO, r);
+        let mut y = P[0];
+        for p in &P[1..] {
+            y = y.mul_add(r, *p);
+        }
+        let y = y.mul_add(r * r, r) + 1.0;
+        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        if x < LO {
+            0.0
+        } else {
+            y * scale
+        }
+    }
+
+    pub fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        for (i, s) in scores.iter_mut().enumerate() {
+            *s = exp(*s - max);
+            lanes[i % 8] += *s;
+        }
+        sum_lanes(lanes)
+    }
+
+    /// The lanes added pairwise.
+    pub fn sum_lanes([a, b, c, d, e, f, g, h]: [f32; 8]) -> f32 {
+        ((a + b) + (c + d)) + ((e + f) + (g + h))
+    }
+
     pub fn scores<T: KvElem>(q: &[f32], keys: &[T], stride: usize, scale: f32, out: &mut [f32]) {
         check(keys, out.len(), stride, q.len());
         let body = q.len() - q.len() % 8;
@@ -115,6 +203,25 @@ pub mod scalar {
             }
         }
     }
+}
+
+/// Cephes' constants for exp (see [`scalar::exp`]).
+mod exp_consts {
+    /// Inputs are clamped to [LO, HI]: 2ⁿ stays a normal float; below LO exp is 0.
+    pub const HI: f32 = 88.0;
+    pub const LO: f32 = -87.0;
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// ln 2 in two parts, so that `x − n·ln 2` loses no bits.
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    pub const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -167,6 +274,61 @@ mod x86 {
                 }
             }
         };
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        use super::exp_consts::*;
+        let clamped = _mm256_max_ps(_mm256_set1_ps(LO), _mm256_min_ps(_mm256_set1_ps(HI), x));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(clamped, _mm256_set1_ps(LOG2E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), clamped);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+        let mut y = _mm256_set1_ps(P[0]);
+        for p in &P[1..] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*p));
+        }
+        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
+        let y = _mm256_add_ps(y, _mm256_set1_ps(1.0));
+        let bits = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+        let below = _mm256_cmp_ps(x, _mm256_set1_ps(LO), _CMP_LT_OQ);
+        _mm256_andnot_ps(below, e)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
+        let (n, p) = (scores.len(), scores.as_mut_ptr());
+        let m = _mm256_set1_ps(max);
+        let mut lanes = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+            _mm256_storeu_ps(p.add(i), e);
+            lanes = _mm256_add_ps(lanes, e);
+            i += 8;
+        }
+        if i < n {
+            // The tail padded with −∞, whose exp is 0: a lane plus 0 is the lane.
+            let mut tail = [f32::NEG_INFINITY; 8];
+            tail[..n - i].copy_from_slice(&scores[i..]);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), m));
+            _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            scores[i..].copy_from_slice(&tail[..n - i]);
+            lanes = _mm256_add_ps(lanes, e);
+        }
+        let mut sums = [0.0f32; 8];
+        _mm256_storeu_ps(sums.as_mut_ptr(), lanes);
+        super::scalar::sum_lanes(sums)
     }
 
     scores!(scores_f32, f32, |p: *const f32| _mm256_loadu_ps(p));
@@ -263,6 +425,78 @@ mod tests {
                     assert_eq!(got, want, "weighted sum d {d} n {n}");
                 }
             }
+        }
+    }
+
+    /// Block after block, online softmax gives softmax(scores)·values of the whole row, for
+    /// blocks of every size, masked (−∞) positions and a block wholly masked.
+    #[test]
+    fn online_softmax_over_blocks_is_softmax_over_the_row() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let d = 12;
+        for n in [1, 7, 16, 33, 100] {
+            let mut scores: Vec<f32> = (0..n).map(|_| rng.random_range(-30.0..30.0)).collect();
+            let masked = n / 3;
+            scores[..masked].fill(f32::NEG_INFINITY);
+            let values: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut weights = scores.clone();
+            crate::kernels::ops::softmax_in_place(&mut weights);
+            let mut want = vec![0.0; d];
+            scalar::weighted_sum(&weights, &values, d, &mut want);
+            for block in [1, 4, 16, 64] {
+                let (mut max, mut sum, mut out) = (f32::NEG_INFINITY, 0.0, vec![0.0; d]);
+                for (b, chunk) in scores.chunks(block).enumerate() {
+                    let mut w = chunk.to_vec();
+                    let step =
+                        online_softmax_step(exp_sum_fn(), &mut w, &mut max, &mut sum, &mut out);
+                    if step {
+                        scalar::weighted_sum(&w, &values[b * block * d..], d, &mut out);
+                    }
+                }
+                for (o, w) in out.iter().zip(&want) {
+                    assert!(
+                        (o / sum - w).abs() <= 1e-5,
+                        "n {n} block {block}: {o} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The SIMD exp gives its twin's bits, within 2 ulp of the true exp (std's), from far
+    /// below −87 (exactly 0) through 0, at every tail length; NaN stays NaN.
+    #[test]
+    fn exp_sum_equals_its_twin_and_exp() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        for n in 0..40 {
+            let x: Vec<f32> = (0..n)
+                .map(|i| match i % 5 {
+                    0 => rng.random_range(-100.0..-80.0),
+                    1 => f32::NEG_INFINITY,
+                    _ => rng.random_range(-30.0..0.0),
+                })
+                .collect();
+            let (mut got, mut twin) = (x.clone(), x.clone());
+            let max = 0.5;
+            let sum = exp_sum_fn()(&mut got, max);
+            assert_eq!(
+                sum.to_bits(),
+                scalar::exp_sum(&mut twin, max).to_bits(),
+                "n {n}"
+            );
+            assert_eq!(got, twin, "n {n}");
+            for (g, v) in got.iter().zip(&x) {
+                let want = (v - max).exp();
+                let ulp = (want.to_bits() as i64 - g.to_bits() as i64).abs();
+                assert!(
+                    v - max < -87.0 && *g == 0.0 || ulp <= 2,
+                    "exp({v}) = {g}, want {want}"
+                );
+            }
+        }
+        for f in [exp_sum_fn(), scalar::exp_sum] {
+            let mut nan = [f32::NAN, -1.0, 0.0];
+            assert!(f(&mut nan, 0.0).is_nan() && nan[0].is_nan(), "{nan:?}");
         }
     }
 

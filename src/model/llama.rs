@@ -3,7 +3,7 @@
 
 use super::kv_cache::{KvCache, KvDtype, KvLayer};
 use crate::comm::Comm;
-use crate::kernels::attention::{prefetch, KvElem};
+use crate::kernels::attention::{exp_sum_fn, online_softmax_step, prefetch, KvElem};
 use crate::kernels::fixed::from_fixed;
 use crate::kernels::threads::DisjointChunks;
 use crate::kernels::{ops, Phase, Threads};
@@ -248,7 +248,10 @@ struct Scratch {
     fixed: Vec<i64>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
+    /// Attention's state per token and query head: one KV block's scores, then the
+    /// running max and sum of online softmax ([`ATTENTION_STATE`] + block size floats).
     scores: Vec<f32>,
+    /// cos and sin of the rotary angles, per token of the step (`head_dim / 2` each).
     cos: Vec<f32>,
     sin: Vec<f32>,
     logits: Vec<f32>,
@@ -259,8 +262,6 @@ struct Scratch {
     seq_of: Vec<usize>,
     /// Rows of the step whose logits are wanted.
     logit_rows: Vec<usize>,
-    /// Where each token's attention scores start in `scores` (its heads × its context).
-    score_at: Vec<usize>,
     /// The step's tokens, and its logit rows, as runs of one phase.
     runs: Vec<Run>,
     logit_runs: Vec<Run>,
@@ -472,8 +473,9 @@ impl Model {
     }
 
     /// An empty KV cache of `num_blocks` blocks of `block_size` positions, for this rank's
-    /// kv heads. Attention scores are sized for it at once: a decode step (one token per
-    /// sequence) never needs more, so decode never allocates them.
+    /// kv heads. Attention's state is sized for one token per block at once: a decode
+    /// step (one token per sequence, each holding a block) never needs more, so decode
+    /// never allocates it.
     pub fn new_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
         let kv = KvCache::new(
             self.cfg.num_layers,
@@ -485,7 +487,7 @@ impl Model {
         )?;
         grow(
             &mut self.scratch.scores,
-            self.plan.heads.num_q() * num_blocks * block_size,
+            self.plan.heads.num_q() * num_blocks * (block_size + ATTENTION_STATE),
         );
         Ok(kv)
     }
@@ -510,10 +512,8 @@ impl Model {
         s.slots.clear();
         s.seq_of.clear();
         s.logit_rows.clear();
-        s.score_at.clear();
         s.runs.clear();
         s.logit_runs.clear();
-        let mut scores_len = 0;
         for (i, seq) in seqs.iter().enumerate() {
             let end = seq.start_pos + seq.tokens.len();
             if end > seq.blocks.len() * kv.block_size() {
@@ -542,8 +542,6 @@ impl Model {
                 s.positions.push(pos);
                 s.slots.push(kv.slot(seq.blocks, pos));
                 s.seq_of.push(i);
-                s.score_at.push(scores_len);
-                scores_len += nq * (pos + 1);
             }
         }
         let n = s.ids.len();
@@ -562,9 +560,14 @@ impl Model {
         grow(&mut s.attn, n * nq * d);
         grow(&mut s.gate_up, n * 2 * mlp_width);
         grow(&mut s.act, n * mlp_width);
-        grow(&mut s.scores, scores_len);
-        grow(&mut s.cos, d / 2);
-        grow(&mut s.sin, d / 2);
+        grow(&mut s.scores, n * nq * (kv.block_size() + ATTENTION_STATE));
+        grow(&mut s.cos, n * d / 2);
+        grow(&mut s.sin, n * d / 2);
+        for t in 0..n {
+            let at = t * d / 2..(t + 1) * d / 2;
+            let (cos, sin) = (&mut s.cos[at.clone()], &mut s.sin[at]);
+            self.rotary.cos_sin(s.positions[t], cos, sin);
+        }
 
         self.embed.forward(&s.ids, &mut s.x, comm)?;
         let nh = n * hidden;
@@ -591,7 +594,8 @@ impl Model {
                 .linear
                 .forward(&s.h, &s.runs, &mut s.qkv, &self.threads);
             for t in 0..n {
-                self.rotary.cos_sin(s.positions[t], &mut s.cos, &mut s.sin);
+                let at = t * d / 2..(t + 1) * d / 2;
+                let (cos, sin) = (&s.cos[at.clone()], &s.sin[at]);
                 let row = &mut s.qkv[t * qkv_width..(t + 1) * qkv_width];
                 let (q, kvs) = row.split_at_mut(nq * d);
                 let (k, v) = kvs.split_at_mut(nkv * d);
@@ -600,7 +604,7 @@ impl Model {
                     kn.forward_in_place(k);
                 }
                 for head in q.chunks_exact_mut(d).chain(k.chunks_exact_mut(d)) {
-                    ops::rope_in_place(head, &s.cos, &s.sin);
+                    ops::rope_in_place(head, cos, sin);
                 }
                 kv.store(l, s.slots[t], k, v);
             }
@@ -608,7 +612,6 @@ impl Model {
                 seqs,
                 positions: &s.positions,
                 seq_of: &s.seq_of,
-                score_at: &s.score_at,
                 block_size: kv.block_size(),
                 window: self.cfg.window_of(l),
                 scale: self.cfg.query_scale,
@@ -733,8 +736,6 @@ struct Batch<'a> {
     seqs: &'a [SeqStep<'a>],
     positions: &'a [usize],
     seq_of: &'a [usize],
-    /// Each token's place in the scores buffer.
-    score_at: &'a [usize],
     block_size: usize,
     /// Sliding-window attention: a token sees only the last `window` positions.
     window: Option<usize>,
@@ -743,9 +744,14 @@ struct Batch<'a> {
     softcap: Option<f32>,
 }
 
+/// Floats of attention state per (token, query head) besides one block's scores: the
+/// running max and sum of online softmax.
+const ATTENTION_STATE: usize = 2;
+
 /// Causal attention of every token of the step over its own sequence's cached positions,
 /// one (token, local kv head) per unit: each cached key and value row is read once for all
-/// the query heads that share it (GQA), and every head is computed exactly as alone.
+/// the query heads that share it (GQA), and every head is computed exactly as alone. Block
+/// by block with online softmax, so its state does not grow with the context.
 #[allow(clippy::too_many_arguments)]
 fn attend<'a, T: KvElem>(
     heads: &HeadShard,
@@ -754,20 +760,22 @@ fn attend<'a, T: KvElem>(
     qkv_width: usize,
     batch: &Batch,
     (keys, values): (&'a [T], &'a [T]),
-    scores: &mut [f32],
+    state: &mut [f32],
     out: &mut [f32],
     threads: &Threads,
 ) {
     let n = batch.positions.len();
     let (nq, nkv) = (heads.num_q(), heads.num_kv());
-    let scale = batch.scale;
-    let (score, weighted_sum) = (T::scores_fn(), T::weighted_sum_fn());
-    let scores = DisjointChunks::new(scores, 1);
-    let out = DisjointChunks::new(&mut out[..n * nq * d], d);
     let bs = batch.block_size;
+    let (score, weighted_sum, exp_sum) = (T::scores_fn(), T::weighted_sum_fn(), exp_sum_fn());
+    let state = DisjointChunks::new(
+        &mut state[..n * nq * (bs + ATTENTION_STATE)],
+        bs + ATTENTION_STATE,
+    );
+    let out = DisjointChunks::new(&mut out[..n * nq * d], d);
     threads.for_each_range(n * nkv, |units| {
         for u in units {
-            let (t, k) = (u / nkv, u % nkv);
+            let (t, k) = (balanced_token(u / nkv, n), u % nkv);
             let seen = batch.positions[t] + 1;
             let blocks = &batch.seqs[batch.seq_of[t]].blocks[..seen.div_ceil(bs)];
             // Block b's rows of this kv head: positions b·bs.., one after another.
@@ -776,50 +784,59 @@ fn attend<'a, T: KvElem>(
                 let at = (blocks[b] as usize * nkv + k) * bs * d;
                 (b * bs..b * bs + n, &cache[at..at + n * d])
             };
+            let prefetch_block = |b: usize| {
+                if b < blocks.len() {
+                    prefetch(rows(keys, b).1);
+                    prefetch(rows(values, b).1);
+                }
+            };
             let q = |i: usize| &qkv[t * qkv_width + i * d..t * qkv_width + (i + 1) * d];
             let sharing = heads.local_q_for(k);
-            let first = batch.score_at[t] + sharing.start * seen;
+            // SAFETY: unit u's heads, their state and outputs, belong to one thread only.
+            let head = |i: usize| unsafe { (state.chunk(t * nq + i), out.chunk(t * nq + i)) };
+            for i in sharing.clone() {
+                let (st, o) = head(i);
+                st[bs..].copy_from_slice(&[f32::NEG_INFINITY, 0.0]);
+                o.fill(0.0);
+            }
             // Positions before `lo` are outside the window: their blocks are not read,
             // and in the block holding `lo` they weigh exactly zero.
             let lo = batch.window.map_or(0, |w| seen.saturating_sub(w));
-            let first_block = lo / bs;
-            // SAFETY: unit u's heads, their scores and outputs, belong to one thread only.
-            let sc = unsafe { scores.range(first..first + sharing.len() * seen) };
-            let next = |cache: &'a [T], b: usize| {
-                if b < blocks.len() {
-                    prefetch(rows(cache, b).1);
-                }
-            };
-            next(keys, first_block);
-            for b in first_block..blocks.len() {
-                next(keys, b + 1);
-                let (at, keys) = rows(keys, b);
-                for (h, i) in sharing.clone().enumerate() {
-                    let out = &mut sc[h * seen + at.start..h * seen + at.end];
-                    score(q(i), keys, d, scale, out);
+            prefetch_block(lo / bs);
+            for b in lo / bs..blocks.len() {
+                prefetch_block(b + 1);
+                let ((at, keys), (_, values)) = (rows(keys, b), rows(values, b));
+                for i in sharing.clone() {
+                    let (st, o) = head(i);
+                    let (scores, running) = st.split_at_mut(bs);
+                    let scores = &mut scores[..at.len()];
+                    score(q(i), keys, d, batch.scale, scores);
+                    if let Some(cap) = batch.softcap {
+                        ops::softcap_in_place(scores, cap);
+                    }
+                    scores[..lo.saturating_sub(at.start)].fill(f32::NEG_INFINITY);
+                    let [max, sum] = running else { unreachable!() };
+                    if online_softmax_step(exp_sum, scores, max, sum, o) {
+                        weighted_sum(scores, values, d, o);
+                    }
                 }
             }
-            next(values, first_block);
-            for (h, i) in sharing.clone().enumerate() {
-                let head_scores = &mut sc[h * seen + first_block * bs..(h + 1) * seen];
-                let (outside, inside) = head_scores.split_at_mut(lo - first_block * bs);
-                if let Some(cap) = batch.softcap {
-                    ops::softcap_in_place(inside, cap);
-                }
-                outside.fill(f32::NEG_INFINITY);
-                ops::softmax_in_place(head_scores);
-                // SAFETY: as above.
-                unsafe { out.chunk(t * nq + i) }.fill(0.0);
-            }
-            for b in first_block..blocks.len() {
-                next(values, b + 1);
-                let (at, values) = rows(values, b);
-                for (h, i) in sharing.clone().enumerate() {
-                    let weights = &sc[h * seen + at.start..h * seen + at.end];
-                    // SAFETY: as above.
-                    weighted_sum(weights, values, d, unsafe { out.chunk(t * nq + i) });
-                }
+            for i in sharing {
+                let (st, o) = head(i);
+                let inv = 1.0 / st[bs + 1];
+                o.iter_mut().for_each(|v| *v *= inv);
             }
         }
     });
+}
+
+/// The `j`-th token to attend, in an order that alternates the step's first and last
+/// tokens: in a causal prompt chunk later tokens see more positions, and the pool splits
+/// units into contiguous ranges, so this gives every thread about the same work.
+fn balanced_token(j: usize, n: usize) -> usize {
+    if j.is_multiple_of(2) {
+        j / 2
+    } else {
+        n - 1 - j / 2
+    }
 }
