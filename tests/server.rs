@@ -405,33 +405,74 @@ async fn check_disconnect_frees_blocks(b: &str) {
     for _ in 0..3 {
         chunks.next().await.unwrap().unwrap();
     }
-    let info = |b: String| async move {
-        let v: Value = reqwest::get(format!("{b}/get_server_info"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        // Blocks the prefix cache keeps are free to evict, not held by a request.
-        let kv = &v["kv_cache"];
-        (
-            v["running_requests"].as_u64().unwrap(),
-            kv["used_blocks"].as_u64().unwrap() - kv["cached_blocks"].as_u64().unwrap(),
-        )
-    };
-    assert_eq!(info(b.to_owned()).await.0, 1, "the stream's request runs");
+    assert_eq!(running_and_held(b).await.0, 1, "the stream's request runs");
     drop(chunks);
+    wait_until_all_blocks_free(b, "after the client left").await;
+}
+
+/// Requests running, and KV blocks held by requests (blocks the prefix cache keeps are
+/// free to evict, not held).
+async fn running_and_held(b: &str) -> (u64, u64) {
+    let v: Value = reqwest::get(format!("{b}/get_server_info"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kv = &v["kv_cache"];
+    (
+        v["running_requests"].as_u64().unwrap(),
+        kv["used_blocks"].as_u64().unwrap() - kv["cached_blocks"].as_u64().unwrap(),
+    )
+}
+
+async fn wait_until_all_blocks_free(b: &str, when: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if info(b.to_owned()).await == (0, 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "blocks were not freed after the client left"
-        );
+    while running_and_held(b).await != (0, 0) {
+        assert!(Instant::now() < deadline, "blocks were not freed {when}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A request that runs past --request-timeout ends with a 504 naming the flag (streamed:
+/// as the stream's last event), its blocks are freed, and the server goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_the_timeout_is_ended_and_the_server_goes_on() {
+    let s = start(&[
+        "--tp",
+        "1",
+        "--request-timeout",
+        "1",
+        "--max-total-tokens",
+        "4096",
+    ])
+    .await;
+    let long = json!({"prompt": "Tell me a long story", "max_tokens": 3000, "ignore_eos": true});
+    let started = Instant::now();
+    let (status, v) = post(&s.base, "/v1/completions", long.clone()).await;
+    assert_eq!(status, 504, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--request-timeout (1 s)"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    wait_until_all_blocks_free(&s.base, "after the timeout").await;
+
+    let mut streamed = long;
+    streamed["stream"] = json!(true);
+    let events = stream(&s.base, "/v1/completions", streamed).await;
+    let error = events
+        .iter()
+        .find(|e| e.contains("\"error\""))
+        .unwrap_or_else(|| panic!("no error event in {events:?}"));
+    assert!(error.contains("--request-timeout"), "{error}");
+    wait_until_all_blocks_free(&s.base, "after the streamed timeout").await;
+
+    let (status, v) = post(
+        &s.base,
+        "/v1/completions",
+        json!({"prompt": "hi", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -564,6 +605,8 @@ fn bad_flags_are_clear_errors() {
             "after loading the weights",
         ),
         (vec!["--log-level", "loud"], "--log-level"),
+        (vec!["--max-connections", "0"], "--max-connections"),
+        (vec!["--max-connections", "100000000"], "ulimit -n"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tpserve"))
             .args([

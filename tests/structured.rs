@@ -89,12 +89,8 @@ fn served(tp: usize, requests: Vec<(Vec<u32>, GenerationParams)>) -> Vec<Vec<u32
     let mut receivers = Vec::new();
     for (input_ids, params) in requests {
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(Command::Submit(Request {
-            input_ids,
-            params,
-            events,
-        }))
-        .unwrap();
+        tx.send(Command::Submit(Request::new(input_ids, params, events)))
+            .unwrap();
         receivers.push(receiver);
     }
     drop(tx);
@@ -103,6 +99,7 @@ fn served(tp: usize, requests: Vec<(Vec<u32>, GenerationParams)>) -> Vec<Vec<u32
         chunked_prefill_size: 4096,
         prefix_cache: true,
         policy: SchedulePolicy::Lpm,
+        request_timeout: None,
     };
     with_group(MODEL, tp, 2048, |driver| {
         scheduler::run(driver, &cfg, rx, &Stats::default())

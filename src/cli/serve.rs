@@ -77,6 +77,14 @@ pub struct ServeArgs {
     /// Cores the ranks may use, e.g. 0-7 or 0,2,4,6 (tpserve's CUDA_VISIBLE_DEVICES).
     #[arg(long)]
     pub cpus: Option<String>,
+    /// HTTP connections open at once; one more is answered 503 (default: 1024, or fewer
+    /// when the open-file limit allows fewer).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a request may take from arrival to its last token, queueing included,
+    /// before it is ended with a 504 (0: no limit; 600 is the openai client's own timeout).
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -88,6 +96,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         bail!("--chunked-prefill-size must be at least 1");
     }
     let policy = SchedulePolicy::parse(&args.schedule_policy)?;
+    let max_connections = server::connection_limit(args.max_connections)?;
     if !(args.mem_fraction_static > 0.0 && args.mem_fraction_static <= 1.0) {
         bail!(
             "--mem-fraction-static must be in (0, 1], got {}",
@@ -162,6 +171,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         chunked_prefill_size: args.chunked_prefill_size,
         prefix_cache: !args.disable_radix_cache,
         policy,
+        request_timeout: (args.request_timeout > 0)
+            .then(|| Duration::from_secs(args.request_timeout)),
     };
     let mut stop_ids = cfg.eos_token_ids.clone();
     stop_ids.extend(tokenizer.end_of_turn_ids());
@@ -178,6 +189,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "host": args.host,
         "port": args.port,
         "enable_metrics": args.enable_metrics,
+        "max_connections": max_connections,
+        "request_timeout": args.request_timeout,
     });
     let started = std::time::Instant::now();
     let grammars =
@@ -244,13 +257,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_total_tokens
     );
     let app = server::router(state);
+    let limits = server::Limits {
+        max_connections,
+        header_timeout: server::HEADER_TIMEOUT,
+    };
     let result = runtime.block_on(async move {
         let mut done_rx = done_rx;
         let engine_failed = tokio::select! {
-            served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()) => {
-                served.context("the HTTP server failed")?;
-                None
-            }
+            _ = server::serve(listener, app, limits, shutdown_signal()) => None,
             result = &mut done_rx => Some(result),
         };
         match engine_failed {

@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What one request asks of the engine.
@@ -76,6 +76,8 @@ pub enum FailureKind {
     ShuttingDown,
     /// A fault while serving this request; the server goes on.
     Internal,
+    /// The request ran past `--request-timeout` and was ended.
+    TimedOut,
 }
 
 impl Event {
@@ -92,6 +94,28 @@ pub struct Request {
     pub params: GenerationParams,
     /// Dropping the receiver cancels the request and frees its blocks.
     pub events: UnboundedSender<Event>,
+    /// When it was submitted: `--request-timeout` counts from here.
+    submitted: Instant,
+}
+
+impl Request {
+    pub fn new(
+        input_ids: Vec<u32>,
+        params: GenerationParams,
+        events: UnboundedSender<Event>,
+    ) -> Self {
+        Request {
+            input_ids,
+            params,
+            events,
+            submitted: Instant::now(),
+        }
+    }
+
+    /// Whether it has run past `timeout` since it was submitted.
+    fn timed_out(&self, timeout: Option<Duration>) -> bool {
+        timeout.is_some_and(|t| self.submitted.elapsed() > t)
+    }
 }
 
 pub enum Command {
@@ -179,6 +203,9 @@ pub struct SchedulerConfig {
     /// Keep prompts' KV blocks for later requests that share their prefix.
     pub prefix_cache: bool,
     pub policy: SchedulePolicy,
+    /// Requests still waiting or running this long after they were submitted are ended
+    /// with a [`FailureKind::TimedOut`] (`None`: never).
+    pub request_timeout: Option<Duration>,
 }
 
 /// The order waiting requests are admitted in (SGLang's `--schedule-policy`).
@@ -251,7 +278,7 @@ pub fn run(
         vocab: driver.config().vocab_size,
     };
     while s.intake(&commands) {
-        s.drop_cancelled();
+        s.drop_ended();
         s.admit();
         s.publish();
         if s.running.is_empty() {
@@ -333,12 +360,26 @@ impl Scheduler<'_> {
         outcome
     }
 
-    /// Cancelled requests leave before they cost a step.
-    fn drop_cancelled(&mut self) {
-        self.waiting.retain(|r| !r.events.is_closed());
+    /// Cancelled requests leave before they cost a step; those past the request timeout
+    /// are told so and leave too.
+    fn drop_ended(&mut self) {
+        let timeout = self.cfg.request_timeout;
+        let ended = |r: &Request| {
+            if r.timed_out(timeout) {
+                let seconds = timeout.map_or(0, |t| t.as_secs());
+                let message = format!(
+                    "the request ran longer than the server's --request-timeout ({seconds} s) \
+                     and was ended; ask for fewer tokens or retry when the server is less busy"
+                );
+                let _ = r.events.send(Event::failed(FailureKind::TimedOut, message));
+                return true;
+            }
+            r.events.is_closed()
+        };
+        self.waiting.retain(|r| !ended(r));
         let kv = &mut self.kv;
         self.running.retain_mut(|seq| {
-            let keep = !seq.request.events.is_closed();
+            let keep = !ended(&seq.request);
             if !keep {
                 kv.release(std::mem::take(&mut seq.table));
             }
@@ -695,11 +736,7 @@ impl EngineHandle {
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.commands
-            .send(Command::Submit(Request {
-                input_ids,
-                params,
-                events: tx,
-            }))
+            .send(Command::Submit(Request::new(input_ids, params, tx)))
             .map_err(|_| anyhow::anyhow!("the engine has stopped"))?;
         Ok(rx)
     }
@@ -725,17 +762,14 @@ mod tests {
 
     fn request(input_ids: Vec<u32>) -> Request {
         let (events, _) = tokio::sync::mpsc::unbounded_channel();
-        Request {
-            input_ids,
-            params: GenerationParams {
-                max_new_tokens: 4,
-                sampling: SamplingParams::default(),
-                stop_ids: vec![],
-                logprobs: None,
-                constraint: None,
-            },
-            events,
-        }
+        let params = GenerationParams {
+            max_new_tokens: 4,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+            logprobs: None,
+            constraint: None,
+        };
+        Request::new(input_ids, params, events)
     }
 
     /// With 48 tokens of one prompt cached: the waiting request that shares 40 of them goes

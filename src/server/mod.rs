@@ -4,6 +4,7 @@
 //! (incremental detokenization, stop strings), as whole responses or server-sent events.
 //! Every bad request gets an OpenAI-style JSON error with a 4xx status.
 
+mod listen;
 mod native;
 mod openai;
 mod structured;
@@ -21,6 +22,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+pub use listen::{connection_limit, serve, Limits, HEADER_TIMEOUT};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -157,6 +159,7 @@ impl From<Failure> for ApiError {
             FailureKind::Refused => StatusCode::BAD_REQUEST,
             FailureKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            FailureKind::TimedOut => StatusCode::GATEWAY_TIMEOUT,
         };
         ApiError::with_status(status, f.message)
     }
