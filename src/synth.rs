@@ -155,7 +155,8 @@ pub fn synth(
         | Architecture::Mixtral
         | Architecture::Qwen2Moe
         | Architecture::Qwen3Moe
-        | Architecture::Gemma2 => {
+        | Architecture::Gemma2
+        | Architecture::Gemma3 => {
             bail!("synth writes dense llama / qwen2 / qwen3 layouts only")
         }
     };

@@ -8,7 +8,7 @@ use tpserve::engine::{self, GenerateRequest, SamplingParams};
 use tpserve::kernels::Phase;
 use tpserve::model::Logits;
 
-const MODELS: [&str; 13] = [
+const MODELS: [&str; 14] = [
     "tiny-llama",
     "tiny-llama-sharded",
     "tiny-llama3-bf16",
@@ -22,6 +22,7 @@ const MODELS: [&str; 13] = [
     "tiny-qwen2-moe",
     "tiny-qwen3-moe",
     "tiny-gemma2",
+    "tiny-gemma3",
 ];
 
 struct Run {
@@ -176,6 +177,14 @@ fn tiny_qwen3_moe() {
 #[test]
 fn tiny_gemma2() {
     check_model("tiny-gemma2");
+}
+
+/// Gemma 3: Gemma 2's layers with q/k norms (offsets from 1) and no soft-capping; a window
+/// of 6 on three layers of four (`layer_types`), which rotate with base 10⁴ while the
+/// full-attention layer uses 10⁶ (the cases are longer than the window).
+#[test]
+fn tiny_gemma3() {
+    check_model("tiny-gemma3");
 }
 
 #[test]

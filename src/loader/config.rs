@@ -22,12 +22,16 @@ pub enum Architecture {
     /// Gemma 2: norms around attention and MLP, GeGLU, soft-capped scores and logits,
     /// sliding-window attention on alternate layers.
     Gemma2,
+    /// Gemma 3 (text): Gemma 2's layers with q/k norms and no soft-capping; sliding-window
+    /// layers (five in six) rotate with their own, lower, rope base.
+    Gemma3,
 }
 
 impl Architecture {
     pub const SUPPORTED: &'static str =
         "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, \
-         MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM";
+         MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, Gemma2ForCausalLM, \
+         Gemma3ForCausalLM";
 
     pub fn from_hf_name(name: &str) -> Option<Self> {
         match name {
@@ -40,6 +44,7 @@ impl Architecture {
             "Qwen2MoeForCausalLM" => Some(Architecture::Qwen2Moe),
             "Qwen3MoeForCausalLM" => Some(Architecture::Qwen3Moe),
             "Gemma2ForCausalLM" => Some(Architecture::Gemma2),
+            "Gemma3ForCausalLM" => Some(Architecture::Gemma3),
             _ => None,
         }
     }
@@ -136,6 +141,9 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     pub rms_norm_eps: f32,
     pub rope: RopeConfig,
+    /// Gemma 3: the rotary embedding of the sliding-window layers, when it differs from
+    /// `rope` (which the full-attention layers use).
+    pub local_rope: Option<RopeConfig>,
     pub tie_word_embeddings: bool,
     /// Qwen2: biases on the q, k and v projections.
     pub qkv_bias: bool,
@@ -144,7 +152,8 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Sliding-window attention (Mistral): each token sees only this many positions.
     pub sliding_window: Option<usize>,
-    /// The layers the window applies to (Gemma 2: every other one); empty: all.
+    /// The layers the window applies to (Gemma 2: every other one; Gemma 3: five in
+    /// six); empty: all.
     pub sliding_layers: Vec<bool>,
     pub moe: Option<MoeConfig>,
     /// What the MLP's gate goes through.
@@ -162,6 +171,14 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The rotary embedding of layer `l`.
+    pub fn rope_of(&self, l: usize) -> &RopeConfig {
+        match (&self.local_rope, self.window_of(l)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        }
+    }
+
     /// The attention window of layer `l`, if it has one.
     pub fn window_of(&self, l: usize) -> Option<usize> {
         self.sliding_window
@@ -229,27 +246,13 @@ impl ModelConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             bail!("head_dim {head_dim} must be even and positive for the rotary embedding");
         }
-        let rope_params = json.get("rope_parameters").filter(|v| v.is_object());
-        let scaling = json
-            .get("rope_scaling")
-            .filter(|v| v.is_object())
-            .or(rope_params);
-        let theta = json
-            .get("rope_theta")
-            .and_then(Value::as_f64)
-            .or_else(|| {
-                rope_params
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(Value::as_f64)
-            })
-            .unwrap_or(10000.0) as f32;
-        let scaling = match scaling {
-            Some(s) => parse_rope_scaling(s)?,
-            None => None,
-        };
+        let (rope, local_rope) = rope_configs(json, architecture)?;
         let partial_rotary = json
             .get("partial_rotary_factor")
-            .or_else(|| rope_params.and_then(|p| p.get("partial_rotary_factor")))
+            .or_else(|| {
+                json.get("rope_parameters")
+                    .and_then(|p| p.get("partial_rotary_factor"))
+            })
             .and_then(Value::as_f64)
             .unwrap_or(1.0);
         if partial_rotary != 1.0 {
@@ -269,14 +272,18 @@ impl ModelConfig {
             head_dim,
             vocab_size: usize_field("vocab_size")?,
             rms_norm_eps: eps,
-            rope: RopeConfig { theta, scaling },
+            rope,
+            local_rope,
             tie_word_embeddings: json
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             qkv_bias: matches!(architecture, Architecture::Qwen2 | Architecture::Qwen2Moe)
                 || json.get("attention_bias").and_then(Value::as_bool) == Some(true),
-            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Qwen3Moe),
+            qk_norm: matches!(
+                architecture,
+                Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
+            ),
             max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(4096),
             sliding_window: sliding_window(json, architecture)?,
             moe: moe_config(json, architecture, num_layers)?,
@@ -288,7 +295,7 @@ impl ModelConfig {
             },
             attn_softcap: softcap(json, "attn_logit_softcapping"),
             final_softcap: softcap(json, "final_logit_softcapping"),
-            gemma_norms: architecture == Architecture::Gemma2,
+            gemma_norms: matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3),
             bos_token_id: token_ids(json.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(json.get("eos_token_id")),
         })
@@ -299,6 +306,52 @@ impl ModelConfig {
     pub fn kv_bytes_per_token(&self, kv_heads: usize, value_bytes: usize) -> usize {
         2 * self.num_layers * kv_heads * self.head_dim * value_bytes
     }
+}
+
+/// The rotary embedding of a config, and Gemma 3's other one for its sliding-window
+/// layers. Transformers 5 writes `rope_parameters` (one set, or one per layer type);
+/// earlier configs `rope_theta`, `rope_scaling` and Gemma 3's `rope_local_base_freq`.
+fn rope_configs(json: &Value, arch: Architecture) -> Result<(RopeConfig, Option<RopeConfig>)> {
+    let params = json.get("rope_parameters").filter(|v| v.is_object());
+    let per_layer_type = |kind: &str| params.and_then(|p| p.get(kind)).filter(|v| v.is_object());
+    let global = per_layer_type("full_attention").or(params);
+    let parse = |p: Option<&Value>, theta: Option<f64>, scaling: Option<&Value>| {
+        let theta = theta
+            .or_else(|| p.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10000.0);
+        if !(theta.is_finite() && theta > 0.0) {
+            bail!("rope_theta {theta} must be a positive number");
+        }
+        let scaling = match scaling.filter(|v| v.is_object()).or(p) {
+            Some(s) => parse_rope_scaling(s)?,
+            None => None,
+        };
+        Ok(RopeConfig {
+            theta: theta as f32,
+            scaling,
+        })
+    };
+    let rope = parse(
+        global,
+        json.get("rope_theta").and_then(Value::as_f64),
+        json.get("rope_scaling"),
+    )?;
+    if arch != Architecture::Gemma3 {
+        return Ok((rope, None));
+    }
+    let local = match per_layer_type("sliding_attention") {
+        Some(p) => parse(Some(p), None, None)?,
+        None => parse(
+            None,
+            Some(
+                json.get("rope_local_base_freq")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(10000.0),
+            ),
+            None,
+        )?,
+    };
+    Ok((rope, Some(local)))
 }
 
 fn parse_rope_scaling(s: &Value) -> Result<Option<RopeScaling>> {
@@ -337,18 +390,29 @@ fn softcap(json: &Value, key: &str) -> Option<f32> {
         .map(|c| c as f32)
 }
 
-/// Which layers a window applies to: Gemma 2's `layer_types` ("sliding_attention"), or
-/// every other layer from the first when the config has none; empty for all layers.
+/// Which layers a window applies to: Gemma's `layer_types` ("sliding_attention"), or
+/// when the config has none every other layer from the first (Gemma 2) or all but every
+/// `sliding_window_pattern`-th (Gemma 3, 6 by default); empty for all layers.
 fn sliding_layers(json: &Value, arch: Architecture, layers: usize) -> Vec<bool> {
-    if arch != Architecture::Gemma2 {
-        return vec![];
+    if let Some(types) = json.get("layer_types").and_then(Value::as_array) {
+        if matches!(arch, Architecture::Gemma2 | Architecture::Gemma3) {
+            return types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect();
+        }
     }
-    match json.get("layer_types").and_then(Value::as_array) {
-        Some(types) => types
-            .iter()
-            .map(|t| t.as_str() == Some("sliding_attention"))
-            .collect(),
-        None => (0..layers).map(|l| l % 2 == 0).collect(),
+    match arch {
+        Architecture::Gemma2 => (0..layers).map(|l| l % 2 == 0).collect(),
+        Architecture::Gemma3 => {
+            let pattern = json
+                .get("sliding_window_pattern")
+                .and_then(Value::as_u64)
+                .filter(|&p| p > 0)
+                .unwrap_or(6) as usize;
+            (0..layers).map(|l| (l + 1) % pattern != 0).collect()
+        }
+        _ => vec![],
     }
 }
 
@@ -429,7 +493,11 @@ fn sliding_window(json: &Value, architecture: Architecture) -> Result<Option<usi
         ));
     let every_layer = matches!(
         architecture,
-        Architecture::Mistral | Architecture::Phi3 | Architecture::Mixtral | Architecture::Gemma2
+        Architecture::Mistral
+            | Architecture::Phi3
+            | Architecture::Mixtral
+            | Architecture::Gemma2
+            | Architecture::Gemma3
     );
     match (window, used) {
         (Some(w), true) if every_layer => Ok(Some(w as usize)),
@@ -451,5 +519,60 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
             .map(|id| id as u32)
             .collect(),
         _ => vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn gemma3(extra: Value) -> ModelConfig {
+        let mut cfg = json!({
+            "architectures": ["Gemma3ForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "head_dim": 64, "vocab_size": 512, "sliding_window": 6,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        ModelConfig::from_hf_json(&cfg).unwrap()
+    }
+
+    /// Gemma 3 as transformers 5 writes it (`rope_parameters` per layer type, `layer_types`)
+    /// and as earlier versions did (`rope_local_base_freq`, `sliding_window_pattern`,
+    /// `rope_scaling` for the global layers only) reads alike.
+    #[test]
+    fn gemma3_configs_of_both_transformers_generations_read_alike() {
+        let new = gemma3(json!({
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+            },
+        }));
+        let old = gemma3(json!({
+            "sliding_window_pattern": 3, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        }));
+        for cfg in [&new, &old] {
+            assert_eq!(cfg.sliding_layers, [true, true, false, true]);
+            let global = RopeConfig {
+                theta: 1e6,
+                scaling: Some(RopeScaling::Linear(8.0)),
+            };
+            let local = RopeConfig {
+                theta: 1e4,
+                scaling: None,
+            };
+            assert_eq!(cfg.rope, global);
+            assert_eq!(cfg.local_rope, Some(local.clone()));
+            assert_eq!((cfg.rope_of(1), cfg.rope_of(2)), (&local, &global));
+            assert!(cfg.qk_norm && cfg.gemma_norms && cfg.attn_softcap.is_none());
+        }
+        // Without a pattern: five sliding layers in six.
+        let six = gemma3(json!({"num_hidden_layers": 12}));
+        let globals: Vec<usize> = (0..12).filter(|&l| six.window_of(l).is_none()).collect();
+        assert_eq!(globals, [5, 11]);
     }
 }

@@ -455,6 +455,7 @@ impl GgufFile {
                 theta: float("rope.freq_base", 10000.0),
                 scaling: self.rope_scaling(arch_name, head_dim)?,
             },
+            local_rope: None,
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
             qkv_bias: self.tensors.contains_key("blk.0.attn_q.bias"),
             qk_norm: self.tensors.contains_key("blk.0.attn_q_norm.weight"),

@@ -22,9 +22,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 struct Layer {
     input_norm: RmsNorm,
     qkv: QkvParallelLinear,
-    /// Qwen3's per-head norms of q and k.
+    /// Qwen3's and Gemma 3's per-head norms of q and k.
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// Which of the model's rotary embeddings rotates this layer's q and k.
+    rotary: usize,
     o_proj: RowParallelLinear,
     /// The norm before the MLP (Llama's post_attention_layernorm; Gemma's
     /// pre_feedforward_layernorm).
@@ -220,7 +222,8 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: ParallelLmHead,
-    rotary: Rotary,
+    /// The rotary embeddings: the model's, and Gemma 3's for sliding-window layers.
+    rotaries: Vec<Rotary>,
     threads: Threads,
     options: ForwardOptions,
     scratch: Scratch,
@@ -312,12 +315,18 @@ impl Model {
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             let attn = format!("{p}.self_attn");
-            let qk_norm = |which: &str| -> Result<Option<RmsNorm>> {
-                cfg.qk_norm
-                    .then(|| RmsNorm::load(src, &format!("{attn}.{which}.weight"), d, eps))
-                    .transpose()
-            };
             // Gemma's norms are offsets from 1.
+            let qk_norm = |which: &str| -> Result<Option<RmsNorm>> {
+                let load = || {
+                    let n = RmsNorm::load(src, &format!("{attn}.{which}.weight"), d, eps)?;
+                    Ok(if cfg.gemma_norms {
+                        n.with_unit_offset()
+                    } else {
+                        n
+                    })
+                };
+                cfg.qk_norm.then(load).transpose()
+            };
             let norm = |name: &str| -> Result<RmsNorm> {
                 let n = RmsNorm::load(src, &format!("{p}.{name}.weight"), hidden, eps)?;
                 Ok(if cfg.gemma_norms {
@@ -340,6 +349,7 @@ impl Model {
                 qkv: QkvParallelLinear::load(src, &attn, cfg, heads)?,
                 q_norm: qk_norm("q_norm")?,
                 k_norm: qk_norm("k_norm")?,
+                rotary: usize::from(cfg.rope_of(l) != &cfg.rope),
                 o_proj: RowParallelLinear::load(
                     src,
                     &format!("{attn}.o_proj"),
@@ -368,7 +378,10 @@ impl Model {
                 }
             },
             lm_head,
-            rotary: Rotary::new(d, &cfg.rope),
+            rotaries: std::iter::once(&cfg.rope)
+                .chain(&cfg.local_rope)
+                .map(|rope| Rotary::new(d, rope))
+                .collect(),
             layers,
             plan,
             threads,
@@ -561,12 +574,15 @@ impl Model {
         grow(&mut s.gate_up, n * 2 * mlp_width);
         grow(&mut s.act, n * mlp_width);
         grow(&mut s.scores, n * nq * (kv.block_size() + ATTENTION_STATE));
-        grow(&mut s.cos, n * d / 2);
-        grow(&mut s.sin, n * d / 2);
-        for t in 0..n {
-            let at = t * d / 2..(t + 1) * d / 2;
-            let (cos, sin) = (&mut s.cos[at.clone()], &mut s.sin[at]);
-            self.rotary.cos_sin(s.positions[t], cos, sin);
+        // Rotary angles once per step: table r's token t at (r·n + t)·d/2.
+        let half = d / 2;
+        grow(&mut s.cos, self.rotaries.len() * n * half);
+        grow(&mut s.sin, self.rotaries.len() * n * half);
+        for (r, rotary) in self.rotaries.iter().enumerate() {
+            for (t, &pos) in s.positions.iter().enumerate() {
+                let at = (r * n + t) * half..(r * n + t + 1) * half;
+                rotary.cos_sin(pos, &mut s.cos[at.clone()], &mut s.sin[at]);
+            }
         }
 
         self.embed.forward(&s.ids, &mut s.x, comm)?;
@@ -594,7 +610,7 @@ impl Model {
                 .linear
                 .forward(&s.h, &s.runs, &mut s.qkv, &self.threads);
             for t in 0..n {
-                let at = t * d / 2..(t + 1) * d / 2;
+                let at = (layer.rotary * n + t) * half..(layer.rotary * n + t + 1) * half;
                 let (cos, sin) = (&s.cos[at.clone()], &s.sin[at]);
                 let row = &mut s.qkv[t * qkv_width..(t + 1) * qkv_width];
                 let (q, kvs) = row.split_at_mut(nq * d);
