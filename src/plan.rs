@@ -129,7 +129,7 @@ pub fn weight_bytes(
     tp: usize,
     rank: usize,
 ) -> Result<usize> {
-    let plan = ShardPlan::new(cfg, src, tp, rank)?;
+    let plan = ShardPlan::new(cfg, src, tp, rank, 1)?;
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let (q_rows, kv_rows) = (plan.heads.num_q() * d, plan.heads.num_kv() * d);
     let vocab = plan.vocab.len();
@@ -184,7 +184,7 @@ fn mlp_bytes(
         ("mlp", qwen)
     };
     let mut total = src.slice_bytes(&format!("{p}.{block}.gate.weight"), moe.num_experts, h)?;
-    for e in 0..moe.num_experts {
+    for e in shard.owned.clone() {
         total += three(
             &format!("{p}.{block}.experts.{e}"),
             names,
@@ -206,7 +206,7 @@ pub fn kv_bytes_per_token(
     rank: usize,
     elem_bytes: usize,
 ) -> Result<usize> {
-    let kv_heads = ShardPlan::new(cfg, src, tp, rank)?.heads.num_kv();
+    let kv_heads = ShardPlan::new(cfg, src, tp, rank, 1)?.heads.num_kv();
     Ok(2 * cfg.num_layers * kv_heads * cfg.head_dim * elem_bytes)
 }
 

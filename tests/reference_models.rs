@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use tpserve::engine::{self, GenerateRequest, SamplingParams};
 use tpserve::kernels::Phase;
-use tpserve::model::Logits;
+use tpserve::model::{Logits, ShardPlan};
 
 const MODELS: [&str; 14] = [
     "tiny-llama",
@@ -32,8 +32,12 @@ struct Run {
 }
 
 fn run_case(model: &str, tp: usize, case: &Case) -> Run {
+    run_case_ep(model, tp, 1, case)
+}
+
+fn run_case_ep(model: &str, tp: usize, ep_size: usize, case: &Case) -> Run {
     let n = case.input_ids.len();
-    with_group(model, tp, n + 16, |driver| {
+    with_group_ep(model, tp, ep_size, n + 16, |driver| {
         let all_logits = driver
             .forward_one(&case.input_ids, 0, Logits::All, Phase::Prefill)?
             .to_vec();
@@ -185,6 +189,41 @@ fn tiny_gemma2() {
 #[test]
 fn tiny_gemma3() {
     check_model("tiny-gemma3");
+}
+
+/// Expert parallelism (`--ep-size` = tp): each rank holds an even share of whole experts
+/// (the shared expert still split), and the logits and greedy ids are tp 1's bit for bit.
+#[test]
+fn expert_parallel_holds_whole_experts_and_gives_the_bits_of_tp_1() {
+    let files = tpserve::loader::open_model(&fixture("tiny-qwen2-moe")).unwrap();
+    let cfg = &files.config;
+    let moe = cfg.moe.as_ref().unwrap();
+    let width = moe.expert_intermediate_size;
+    for rank in 0..3 {
+        let plan = |ep| ShardPlan::new(cfg, files.tensors.as_ref(), 3, rank, ep).unwrap();
+        let (tp, ep) = (plan(1).experts.unwrap(), plan(3).experts.unwrap());
+        assert_eq!(tp.owned, 0..moe.num_experts);
+        assert!(tp.expert.len() < width);
+        assert_eq!(ep.owned, [0..2, 2..5, 5..8][rank]);
+        assert_eq!(ep.expert, 0..width);
+        assert_eq!(ep.shared, tp.shared);
+    }
+    for model in ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe"] {
+        let case = &reference(model).cases[0];
+        let base = run_case(model, 1, case);
+        for tp in 2..=4 {
+            let run = run_case_ep(model, tp, tp, case);
+            let what = format!("{model} tp {tp} ep {tp}");
+            assert_eq!(run.all_logits, base.all_logits, "{what}: prefill logits");
+            assert_eq!(run.last_logits, base.last_logits, "{what}: logits");
+            assert_eq!(run.greedy, case.greedy_ids, "{what}: greedy ids");
+        }
+    }
+    let dense = tpserve::loader::open_model(&fixture("tiny-llama")).unwrap();
+    for (tp, ep, needle) in [(2, 3, "must be 1 or the tp size"), (2, 2, "not a mixture")] {
+        let err = ShardPlan::new(&dense.config, dense.tensors.as_ref(), tp, 0, ep).unwrap_err();
+        assert!(err.to_string().contains(needle), "{err}");
+    }
 }
 
 #[test]

@@ -25,6 +25,10 @@ pub struct ForwardArgs {
     /// How the KV cache stores keys and values: auto (f16), f16, bf16 or f32.
     #[arg(long, default_value = "auto", value_parser = KvDtype::parse)]
     pub kv_cache_dtype: KvDtype,
+    /// Expert parallelism for mixture-of-experts models: 1, or the tp size to give each
+    /// rank whole experts instead of a slice of every expert (same results).
+    #[arg(long, default_value_t = 1)]
+    pub ep_size: usize,
 }
 
 impl ForwardArgs {
@@ -33,6 +37,7 @@ impl ForwardArgs {
             overlap: !self.disable_overlap,
             fused_allreduce: !self.disable_fused_allreduce,
             kv_dtype: self.kv_cache_dtype,
+            ep_size: self.ep_size,
         }
     }
 }

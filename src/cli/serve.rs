@@ -189,6 +189,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "host": args.host,
         "port": args.port,
         "enable_metrics": args.enable_metrics,
+        "ep_size": args.forward.ep_size,
         "max_connections": max_connections,
         "request_timeout": args.request_timeout,
     });

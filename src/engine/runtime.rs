@@ -558,7 +558,9 @@ fn run_rank<T>(
         let mut comm: Box<dyn Comm> = Box::new(comm);
         let tp = comm.size();
         let threads = Threads::new(threads_per_rank, cores)?;
-        let mut model = Model::load(src, cfg, tp, rank_id, threads, opts.progress.as_deref())?;
+        let progress = opts.progress.as_deref();
+        let ep_size = opts.forward.ep_size;
+        let mut model = Model::load(src, cfg, tp, rank_id, threads, progress, ep_size)?;
         model.set_options(opts.forward);
         let per_token = model.kv_bytes_per_token();
         let kv_blocks = opts.kv.blocks(&mut *comm, per_token, opts.block_size)?;

@@ -1,6 +1,8 @@
 //! A mixture of experts in place of the MLP, split as SGLang's default MoE tensor
 //! parallelism does: the router is replicated, every expert's gate/up rows and down
 //! columns are split over the ranks like a dense MLP, and one all-reduce ends the layer.
+//! Under expert parallelism (`--ep-size`) each rank holds whole experts instead, and
+//! computes only the tokens routed to them; the all-reduce is the same.
 //!
 //! Each token goes through its `top_k` experts. Its routing weight scales the expert's
 //! activations before the down projection, so every expert adds fixed-point partial sums
@@ -12,6 +14,7 @@ use crate::kernels::{ops, Threads};
 use crate::layers::linear::ColumnPart;
 use crate::loader::config::MoeConfig;
 use crate::loader::TensorSource;
+use crate::model::ExpertShard;
 use anyhow::Result;
 use std::ops::Range;
 
@@ -125,22 +128,21 @@ pub struct SparseMoe {
     cfg: MoeConfig,
     /// All experts' routing logits, on every rank.
     router: ColumnParallelLinear,
+    /// The experts this rank holds, `first_expert` onwards.
     experts: Vec<Expert>,
+    first_expert: usize,
     /// Qwen2-MoE's shared expert and its sigmoid gate (one logit, on every rank).
     shared: Option<(Expert, ColumnParallelLinear)>,
 }
 
 impl SparseMoe {
-    /// Layer `prefix`'s experts, this rank holding `rows` of each expert's neurons and
-    /// `shared_rows` of the shared expert's.
-    #[allow(clippy::too_many_arguments)]
+    /// Layer `prefix`'s experts, this rank's `shard` of them.
     pub fn load(
         src: &dyn TensorSource,
         prefix: &str,
         cfg: &MoeConfig,
         hidden: usize,
-        rows: Range<usize>,
-        shared_rows: Range<usize>,
+        shard: &ExpertShard,
         segment: usize,
     ) -> Result<Self> {
         let (block, [gate, up, down]) = if cfg.mixtral_names {
@@ -157,7 +159,9 @@ impl SparseMoe {
             ColumnParallelLinear::load(src, &[part], hidden, false)
         };
         let router = replicated(format!("{prefix}.{block}.gate"), cfg.num_experts)?;
-        let experts = (0..cfg.num_experts)
+        let experts = shard
+            .owned
+            .clone()
             .map(|e| {
                 let name = |w: &str| format!("{prefix}.{block}.experts.{e}.{w}");
                 let names = [name(gate), name(up), name(down)];
@@ -166,7 +170,7 @@ impl SparseMoe {
                     names,
                     hidden,
                     cfg.expert_intermediate_size,
-                    rows.clone(),
+                    shard.expert.clone(),
                     segment,
                 )
             })
@@ -176,7 +180,8 @@ impl SparseMoe {
             Some(width) => {
                 let name = |w: &str| format!("{prefix}.mlp.shared_expert.{w}");
                 let names = [name("gate_proj"), name("up_proj"), name("down_proj")];
-                let expert = Expert::load(src, names, hidden, width, shared_rows, segment)?;
+                let rows = shard.shared.clone();
+                let expert = Expert::load(src, names, hidden, width, rows, segment)?;
                 Some((
                     expert,
                     replicated(format!("{prefix}.mlp.shared_expert_gate"), 1)?,
@@ -187,6 +192,7 @@ impl SparseMoe {
             cfg: cfg.clone(),
             router,
             experts,
+            first_expert: shard.owned.start,
             shared,
         })
     }
@@ -230,7 +236,8 @@ impl SparseMoe {
             );
         }
         let phase_of = |t: usize| runs.iter().find(|r| r.tokens.contains(&t)).map(|r| r.phase);
-        for (id, expert) in self.experts.iter().enumerate() {
+        for (i, expert) in self.experts.iter().enumerate() {
+            let id = self.first_expert + i;
             scratch.work.clear();
             for t in 0..n {
                 let chosen = scratch.routes[t * k..(t + 1) * k]

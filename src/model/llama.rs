@@ -107,7 +107,7 @@ impl SeqStep<'_> {
 
 /// The forward pass's two communication optimisations, each switchable so that its gain
 /// can be measured (`--disable-overlap`, `--disable-fused-allreduce`); the bits are the
-/// same either way.
+/// same either way. Also the KV cache's type, and how experts are laid out (read at load).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForwardOptions {
     /// Row-parallel products in two halves, the first half's all-reduce in flight while the
@@ -117,6 +117,9 @@ pub struct ForwardOptions {
     pub fused_allreduce: bool,
     /// How the KV cache stores keys and values (this one changes the bits: f16 rounds).
     pub kv_dtype: KvDtype,
+    /// `--ep-size`: 1, or the tp size for expert parallelism — each rank holds whole
+    /// experts (an even share of them) instead of a slice of every expert. Same bits.
+    pub ep_size: usize,
 }
 
 impl Default for ForwardOptions {
@@ -125,6 +128,7 @@ impl Default for ForwardOptions {
             overlap: true,
             fused_allreduce: true,
             kv_dtype: KvDtype::default(),
+            ep_size: 1,
         }
     }
 }
@@ -142,10 +146,12 @@ pub struct ShardPlan {
     pub segment: usize,
 }
 
-/// This rank's neurons of every expert, and of the shared expert (SGLang's MoE TP: each
-/// expert split like a dense MLP).
+/// The experts this rank holds, its neurons of each, and of the shared expert: under
+/// SGLang's MoE TP every expert split like a dense MLP; under expert parallelism
+/// (`--ep-size`) an even share of whole experts (the shared expert split as under TP).
 #[derive(Debug, Clone)]
 pub struct ExpertShard {
+    pub owned: Range<usize>,
     pub expert: Range<usize>,
     pub shared: Range<usize>,
 }
@@ -166,9 +172,23 @@ pub fn row_parallel_segment(cfg: &ModelConfig) -> usize {
 }
 
 impl ShardPlan {
-    /// Rank `rank`'s part of a `tp`-way split. Splits along a weight's input dimension
-    /// (o_proj by heads, down_proj by neurons) fall on the weight's quantization blocks.
-    pub fn new(cfg: &ModelConfig, src: &dyn TensorSource, tp: usize, rank: usize) -> Result<Self> {
+    /// Rank `rank`'s part of a `tp`-way split, with experts whole on their ranks when
+    /// `ep_size` is tp (see [`ForwardOptions::ep_size`]). Splits along a weight's input
+    /// dimension (o_proj by heads, down_proj by neurons) fall on the weight's quantization
+    /// blocks.
+    pub fn new(
+        cfg: &ModelConfig,
+        src: &dyn TensorSource,
+        tp: usize,
+        rank: usize,
+        ep_size: usize,
+    ) -> Result<Self> {
+        if ep_size != 1 && ep_size != tp {
+            bail!("--ep-size {ep_size} must be 1 or the tp size ({tp}): experts are spread over the tensor-parallel ranks");
+        }
+        if ep_size > 1 && cfg.moe.is_none() {
+            bail!("--ep-size {ep_size} spreads experts over ranks, and this model has none (it is not a mixture of experts)");
+        }
         let heads = HeadShard::new(cfg.num_heads, cfg.num_kv_heads, tp, rank)?;
         let o_proj = "model.layers.0.self_attn.o_proj.weight";
         let o_block = src.block_size(o_proj);
@@ -196,8 +216,16 @@ impl ShardPlan {
                 let split = |width: usize, name: &str| {
                     Partition::aligned(width, tp, block(name), name).map(|p| p.range(rank))
                 };
+                let width = m.expert_intermediate_size;
                 Ok::<_, anyhow::Error>(ExpertShard {
-                    expert: split(m.expert_intermediate_size, "each expert's down projection")?,
+                    owned: match ep_size {
+                        1 => 0..m.num_experts,
+                        _ => Partition::even(m.num_experts, tp).range(rank),
+                    },
+                    expert: match ep_size {
+                        1 => split(width, "each expert's down projection")?,
+                        _ => 0..width,
+                    },
                     shared: match m.shared_expert_intermediate_size {
                         Some(w) => split(w, "the shared expert's down projection")?,
                         None => 0..0,
@@ -286,8 +314,9 @@ impl Model {
         rank: usize,
         threads: Threads,
         progress: Option<&AtomicUsize>,
+        ep_size: usize,
     ) -> Result<Self> {
-        let plan = ShardPlan::new(cfg, src, tp, rank)?;
+        let plan = ShardPlan::new(cfg, src, tp, rank, ep_size)?;
         let hidden = cfg.hidden_size;
         let eps = cfg.rms_norm_eps;
         let table = load_vocab_rows(
@@ -409,8 +438,7 @@ impl Model {
                 &p,
                 moe,
                 hidden,
-                experts.expert.clone(),
-                experts.shared.clone(),
+                experts,
                 plan.segment,
             )?)));
         }

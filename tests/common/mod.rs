@@ -76,6 +76,21 @@ pub fn with_group_kv<T: Send>(
     with_model_path(&fixture(model), tp, threads, kv_capacity, kv_dtype, f)
 }
 
+/// As [`with_group`], with the experts of a MoE model spread `ep_size` ways.
+pub fn with_group_ep<T: Send>(
+    model: &str,
+    tp: usize,
+    ep_size: usize,
+    kv_capacity: usize,
+    f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
+) -> T {
+    let files = loader::open_model(&fixture(model)).unwrap();
+    let mut opts = GroupOptions::single_sequence(tp, Some(1), kv_capacity);
+    opts.forward.kv_dtype = KvDtype::F32;
+    opts.forward.ep_size = ep_size;
+    engine::run_local(files.tensors.as_ref(), &files.config, &opts, f).unwrap()
+}
+
 /// As [`with_group_kv`], for a model at any path.
 pub fn with_model_path<T: Send>(
     path: &std::path::Path,
