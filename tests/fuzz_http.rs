@@ -15,6 +15,7 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Map, Value};
 use std::sync::{mpsc, Arc};
 use tpserve::engine::grammar::Grammars;
+use tpserve::engine::replicas::{LoadBalance, Replicas};
 use tpserve::engine::scheduler::{Command, EngineHandle, Event, FlushOutcome, Stats};
 use tpserve::engine::{ChatTemplate, Tokenizer};
 use tpserve::loader;
@@ -109,7 +110,10 @@ fn start(runtime: &tokio::runtime::Runtime) -> String {
     let stop_ids = tokenizer.end_of_turn_ids();
     let grammars = Grammars::new(&tokenizer, files.config.vocab_size, &stop_ids);
     let state = Arc::new(AppState {
-        engine: fake_engine(files.config.vocab_size as u32),
+        engine: Arc::new(Replicas::new(
+            vec![fake_engine(files.config.vocab_size as u32)],
+            LoadBalance::RoundRobin,
+        )),
         grammars: grammars.map_err(|e| e.to_string()),
         stop_ids,
         tokenizer,

@@ -606,6 +606,8 @@ fn bad_flags_are_clear_errors() {
         ),
         (vec!["--log-level", "loud"], "--log-level"),
         (vec!["--max-connections", "0"], "--max-connections"),
+        (vec!["--dp-size", "0"], "--dp-size"),
+        (vec!["--load-balance-method", "random"], "--load-balance-method"),
         (vec!["--max-connections", "100000000"], "ulimit -n"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tpserve"))
@@ -626,4 +628,63 @@ fn bad_flags_are_clear_errors() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// Data parallelism: two tp-1 replicas behind one front end answer every request as one
+/// engine does (greedy), round robin sends requests in turn, and cache-aware routing keeps
+/// prompts that share a prefix on one replica, whose prefix cache then serves it;
+/// /get_server_info reports each replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn data_parallel_replicas_answer_as_one_engine_and_route_as_asked() {
+    async fn replies(base: &str, prompts: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in prompts {
+            let body = json!({"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+            let (status, v) = post(base, "/v1/completions", body).await;
+            assert_eq!(status, 200, "{v}");
+            out.push(v["choices"][0]["text"].as_str().unwrap().to_owned());
+        }
+        out
+    }
+    async fn replicas(base: &str) -> Vec<Value> {
+        let v: Value = reqwest::get(format!("{base}/get_server_info"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["replicas"].as_array().unwrap().clone()
+    }
+    let count = |r: &[Value], field: &str| -> Vec<u64> {
+        r.iter().map(|x| x[field].as_u64().unwrap()).collect()
+    };
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("Story {i}: once upon a time"))
+        .collect();
+    let kv = ["--tp", "1", "--max-total-tokens", "1024"];
+    let want = replies(&start(&kv).await.base, &prompts).await;
+
+    let dp = start(&[&kv[..], &["--dp-size", "2"]].concat()).await;
+    assert_eq!(replies(&dp.base, &prompts).await, want);
+    assert_eq!(count(&replicas(&dp.base).await, "requests_total"), [2, 2]);
+    drop(dp);
+
+    let args = [
+        &kv[..],
+        &["--dp-size", "2", "--load-balance-method", "cache_aware"],
+    ]
+    .concat();
+    let ca = start(&args).await;
+    let system = "You are a careful assistant. Answer in one short sentence, plainly, \
+                  without lists, and say so when you do not know the answer. ";
+    let shared: Vec<String> = ["Why is the sky blue?", "What is rain?", "Who was Euler?"]
+        .iter()
+        .map(|q| format!("{system}{q}"))
+        .collect();
+    replies(&ca.base, &shared).await;
+    let r = replicas(&ca.base).await;
+    let requests = count(&r, "requests_total");
+    assert!(requests == [3, 0] || requests == [0, 3], "{requests:?}");
+    let busy = if requests[0] == 3 { 0 } else { 1 };
+    assert!(count(&r, "cached_tokens_total")[busy] >= 32, "{r:?}");
 }

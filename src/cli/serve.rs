@@ -2,8 +2,9 @@
 
 use crate::engine::grammar::Grammars;
 use crate::engine::kv_capacity::KvCapacity;
+use crate::engine::replicas::{run_replicas, LoadBalance, Replicas};
 use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
-use crate::engine::scheduler::{self, EngineHandle, SchedulePolicy, SchedulerConfig, Stats};
+use crate::engine::scheduler::{EngineHandle, SchedulePolicy, SchedulerConfig, Stats};
 use crate::engine::{self, ChatTemplate, GroupOptions, Launch, Tokenizer};
 use crate::kernels::affinity::parse_cpu_list;
 use crate::loader::{self, ModelFiles};
@@ -77,6 +78,14 @@ pub struct ServeArgs {
     /// Cores the ranks may use, e.g. 0-7 or 0,2,4,6 (tpserve's CUDA_VISIBLE_DEVICES).
     #[arg(long)]
     pub cpus: Option<String>,
+    /// Data parallelism: replicas of the model, each --tp-size ranks on its own share of
+    /// the cores (--cpus), behind one HTTP front end (in-process; not under mpirun).
+    #[arg(long, default_value_t = 1, alias = "data-parallel-size")]
+    pub dp_size: usize,
+    /// How requests are spread over the replicas: round_robin, shortest_queue, or
+    /// cache_aware (where the longest prefix of the prompt went, unless loads differ too much).
+    #[arg(long, default_value = "round_robin")]
+    pub load_balance_method: String,
     /// HTTP connections open at once; one more is answered 503 (default: 1024, or fewer
     /// when the open-file limit allows fewer).
     #[arg(long)]
@@ -97,6 +106,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let policy = SchedulePolicy::parse(&args.schedule_policy)?;
     let max_connections = server::connection_limit(args.max_connections)?;
+    if args.dp_size == 0 {
+        bail!("--dp-size must be at least 1");
+    }
+    let load_balance = LoadBalance::parse(&args.load_balance_method)?;
+    let dp = args.dp_size;
     if !(args.mem_fraction_static > 0.0 && args.mem_fraction_static <= 1.0) {
         bail!(
             "--mem-fraction-static must be in (0, 1], got {}",
@@ -134,8 +148,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let kv = match args.max_total_tokens {
         Some(0) => bail!("--max-total-tokens must be at least 1"),
         Some(n) => KvCapacity::Tokens(n),
+        // Every replica its share of the memory.
         None => KvCapacity::MemoryFraction {
-            fraction: args.mem_fraction_static,
+            fraction: args.mem_fraction_static / dp as f64,
             at_most_tokens: args.max_running_requests.saturating_mul(context_length),
         },
     };
@@ -145,9 +160,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
 
-    let stats = Arc::new(Stats::default());
-    let (commands, command_rx) = mpsc::channel();
-    let handle = EngineHandle::new(commands, stats.clone());
+    let (handles, channels): (Vec<_>, Vec<_>) = (0..dp)
+        .map(|_| {
+            let (commands, channel) = mpsc::channel();
+            (
+                EngineHandle::new(commands, Arc::new(Stats::default())),
+                channel,
+            )
+        })
+        .unzip();
+    let engines = Arc::new(Replicas::new(handles, load_balance));
     let progress = Arc::new(AtomicUsize::new(0));
     let opts = GroupOptions {
         tp,
@@ -190,6 +212,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "port": args.port,
         "enable_metrics": args.enable_metrics,
         "ep_size": args.forward.ep_size,
+        "dp_size": dp,
+        "load_balance_method": args.load_balance_method,
         "max_connections": max_connections,
         "request_timeout": args.request_timeout,
     });
@@ -215,8 +239,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             format!("cannot listen on {address}: is another server using the port? (--port)")
         })?;
 
-    // The engine: tp ranks as threads; rank 0 runs the scheduler until shutdown.
+    // The engine: per replica, tp ranks as threads; rank 0 runs the scheduler until shutdown.
     let (ready_tx, ready_rx) = mpsc::channel::<usize>();
+    let replicas = engines.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<()>>();
     let engine_thread = std::thread::Builder::new()
         .name("tpserve-engine".into())
@@ -224,13 +249,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let ModelFiles {
                 tensors, config, ..
             } = files;
-            let result = engine::run_group(launch, tensors.as_ref(), &config, &opts, |driver| {
-                let _ = ready_tx.send(driver.kv_capacity());
-                scheduler::run(driver, &sched, command_rx, &stats)
-            });
-            let _ = done_tx.send(result.map(|_| ()));
+            let src = tensors.as_ref();
+            let result = run_replicas(
+                launch, src, &config, &opts, &sched, &replicas, channels, ready_tx,
+            );
+            let _ = done_tx.send(result);
         })?;
-    let Some(max_total_tokens) = show_loading(&progress, cfg.num_layers * tp, &ready_rx) else {
+    let loading = show_loading(&progress, cfg.num_layers * tp * dp, dp, &ready_rx);
+    let Some(max_total_tokens) = loading else {
         let _ = engine_thread.join();
         let result = runtime
             .block_on(done_rx)
@@ -239,7 +265,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     server_args["max_total_tokens"] = json!(max_total_tokens);
     let state = Arc::new(AppState {
-        engine: handle.clone(),
+        engine: engines.clone(),
         grammars,
         tokenizer,
         chat_template,
@@ -275,7 +301,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     });
     tracing::info!("shutting down");
-    handle.shutdown();
+    engines.shutdown();
     let _ = engine_thread.join();
     result
 }
@@ -319,11 +345,15 @@ fn load_chat_template(args: &ServeArgs, files: &ModelFiles) -> Result<Option<Cha
 
 /// A progress bar over the layers loaded by all ranks, until the engine is ready (its KV
 /// capacity in tokens) or stops (`None`).
+/// Shows loading progress until `replicas` engines are ready; returns the smallest KV
+/// capacity among them, or `None` when one stopped first.
 fn show_loading(
     progress: &AtomicUsize,
     total: usize,
+    replicas: usize,
     ready: &mpsc::Receiver<usize>,
 ) -> Option<usize> {
+    let mut capacities = Vec::with_capacity(replicas);
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers ({elapsed})")
@@ -333,8 +363,11 @@ fn show_loading(
         bar.set_position(progress.load(Ordering::Relaxed) as u64);
         match ready.recv_timeout(Duration::from_millis(100)) {
             Ok(tokens) => {
-                bar.finish_and_clear();
-                return Some(tokens);
+                capacities.push(tokens);
+                if capacities.len() == replicas {
+                    bar.finish_and_clear();
+                    return capacities.into_iter().min();
+                }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {

@@ -8,6 +8,7 @@ pub mod kv_capacity;
 pub mod perplexity;
 pub mod plan;
 pub mod prefix_cache;
+pub mod replicas;
 pub mod runtime;
 pub mod sampling;
 pub mod scheduler;

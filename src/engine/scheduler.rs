@@ -183,6 +183,46 @@ impl Default for Histogram {
     }
 }
 
+impl Stats {
+    /// The counters of several engines (data-parallel replicas) as one engine's.
+    pub fn sum<'a>(all: impl Iterator<Item = &'a Stats>) -> Stats {
+        let total = Stats::default();
+        for s in all {
+            let add = |to: &AtomicUsize, from: &AtomicUsize| {
+                to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+            };
+            let add64 = |to: &AtomicU64, from: &AtomicU64| {
+                to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+            };
+            add(&total.running, &s.running);
+            add(&total.waiting, &s.waiting);
+            add(&total.used_blocks, &s.used_blocks);
+            add(&total.total_blocks, &s.total_blocks);
+            add(&total.cached_blocks, &s.cached_blocks);
+            add64(&total.requests_total, &s.requests_total);
+            add64(&total.prompt_tokens_total, &s.prompt_tokens_total);
+            add64(&total.cached_tokens_total, &s.cached_tokens_total);
+            add64(&total.generation_tokens_total, &s.generation_tokens_total);
+            let block_size = s.block_size.load(Ordering::Relaxed);
+            total.block_size.fetch_max(block_size, Ordering::Relaxed);
+            let lock = |m: &Mutex<Histogram>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let merge = |to: &Mutex<Histogram>, from: &Mutex<Histogram>| {
+                let from = lock(from);
+                let mut to = to.lock().unwrap_or_else(|e| e.into_inner());
+                to.counts
+                    .iter_mut()
+                    .zip(&from.counts)
+                    .for_each(|(t, f)| *t += f);
+                to.sum += from.sum;
+                to.count += from.count;
+            };
+            merge(&total.time_to_first_token, &s.time_to_first_token);
+            merge(&total.inter_token_latency, &s.inter_token_latency);
+        }
+        total
+    }
+}
+
 impl Histogram {
     pub fn observe(&mut self, seconds: f64) {
         for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {

@@ -12,7 +12,8 @@ mod text;
 mod tools;
 
 use crate::engine::grammar::Grammars;
-use crate::engine::scheduler::{EngineHandle, Event, Failure, FailureKind, GenerationParams};
+use crate::engine::replicas::Replicas;
+use crate::engine::scheduler::{Event, Failure, FailureKind, GenerationParams};
 use crate::engine::{ChatTemplate, SamplingParams, Tokenizer};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -33,7 +34,8 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// What every handler needs.
 pub struct AppState {
-    pub engine: EngineHandle,
+    /// The engine groups (one, or `--dp-size` replicas) and their router.
+    pub engine: Arc<Replicas>,
     /// The grammar compiler of constrained decoding, or why this model has none.
     pub grammars: Result<Grammars, String>,
     pub tokenizer: Tokenizer,

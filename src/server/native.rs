@@ -4,7 +4,7 @@
 use super::structured::{self, ConstraintFields};
 use super::text::TextStream;
 use super::{complete, new_id, parse_body, ApiError, SamplingRequest, Shared};
-use crate::engine::scheduler::{Event, FlushOutcome, Histogram};
+use crate::engine::scheduler::{Event, FlushOutcome, Histogram, Stats};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -206,7 +206,7 @@ pub async fn model_info(State(state): State<Shared>) -> Json<Value> {
 }
 
 pub async fn server_info(State(state): State<Shared>) -> Json<Value> {
-    let s = &state.engine.stats;
+    let s = &Stats::sum(state.engine.stats());
     let (used, total, bs) = (
         s.used_blocks.load(Ordering::Relaxed),
         s.total_blocks.load(Ordering::Relaxed),
@@ -234,6 +234,18 @@ pub async fn server_info(State(state): State<Shared>) -> Json<Value> {
     });
     info["running_requests"] = json!(s.running.load(Ordering::Relaxed));
     info["waiting_requests"] = json!(s.waiting.load(Ordering::Relaxed));
+    // Data parallelism: the figures above are the replicas' sums; each one's own here.
+    let replica = |s: &Stats| {
+        json!({
+            "requests_total": s.requests_total.load(Ordering::Relaxed),
+            "running_requests": s.running.load(Ordering::Relaxed),
+            "waiting_requests": s.waiting.load(Ordering::Relaxed),
+            "cached_tokens_total": s.cached_tokens_total.load(Ordering::Relaxed),
+            "total_blocks": s.total_blocks.load(Ordering::Relaxed),
+            "used_blocks": s.used_blocks.load(Ordering::Relaxed),
+        })
+    };
+    info["replicas"] = state.engine.stats().map(replica).collect();
     Json(info)
 }
 
@@ -267,7 +279,7 @@ pub async fn metrics(State(state): State<Shared>) -> Response {
         }
         .into_response();
     }
-    let s = &state.engine.stats;
+    let s = &Stats::sum(state.engine.stats());
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
         let _ = writeln!(
