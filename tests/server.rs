@@ -607,7 +607,10 @@ fn bad_flags_are_clear_errors() {
         (vec!["--log-level", "loud"], "--log-level"),
         (vec!["--max-connections", "0"], "--max-connections"),
         (vec!["--dp-size", "0"], "--dp-size"),
-        (vec!["--load-balance-method", "random"], "--load-balance-method"),
+        (
+            vec!["--load-balance-method", "random"],
+            "--load-balance-method",
+        ),
         (vec!["--max-connections", "100000000"], "ulimit -n"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tpserve"))

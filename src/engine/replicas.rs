@@ -17,7 +17,7 @@ use crate::loader::{ModelConfig, TensorSource};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// How the router picks a replica.
@@ -25,7 +25,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 pub enum LoadBalance {
     /// Each replica in turn.
     RoundRobin,
-    /// The replica with the fewest requests running and waiting.
+    /// The replica with the fewest requests in flight (routed there and not yet over).
     ShortestQueue,
     /// The replica that already holds the longest prefix of the prompt, while loads are
     /// balanced; else the shortest queue.
@@ -61,6 +61,9 @@ const PREFIXES_PER_REPLICA: usize = 1 << 16;
 /// The engine groups of a server and the router between them.
 pub struct Replicas {
     engines: Vec<EngineHandle>,
+    /// Requests routed to each replica and not yet over: the router's own count, exact
+    /// from the moment of routing (the engines' counters lag behind a burst).
+    in_flight: Vec<Arc<AtomicUsize>>,
     method: LoadBalance,
     next: AtomicUsize,
     prefixes: Mutex<Vec<PrefixMemory>>,
@@ -70,6 +73,7 @@ impl Replicas {
     pub fn new(engines: Vec<EngineHandle>, method: LoadBalance) -> Self {
         let prefixes = engines.iter().map(|_| PrefixMemory::default()).collect();
         Replicas {
+            in_flight: engines.iter().map(|_| Arc::default()).collect(),
             engines,
             method,
             next: AtomicUsize::new(0),
@@ -78,14 +82,16 @@ impl Replicas {
     }
 
     /// Queues a request on the replica the router picks; its events arrive on the
-    /// returned receiver.
-    pub fn submit(
-        &self,
-        input_ids: Vec<u32>,
-        params: GenerationParams,
-    ) -> Result<UnboundedReceiver<Event>> {
+    /// returned receiver (dropping it cancels the request).
+    pub fn submit(&self, input_ids: Vec<u32>, params: GenerationParams) -> Result<RequestEvents> {
         let replica = self.route(&input_ids);
-        self.engines[replica].submit(input_ids, params)
+        let receiver = self.engines[replica].submit(input_ids, params)?;
+        let counter = self.in_flight[replica].clone();
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(RequestEvents {
+            receiver,
+            _in_flight: InFlight(counter),
+        })
     }
 
     /// Each replica's counters, in replica order.
@@ -144,7 +150,11 @@ impl Replicas {
         if n == 1 {
             return 0;
         }
-        let loads: Vec<usize> = self.stats().map(load).collect();
+        let loads: Vec<usize> = self
+            .in_flight
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
         let shortest = (0..n).min_by_key(|&r| loads[r]).unwrap_or(0);
         match self.method {
             LoadBalance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
@@ -173,9 +183,25 @@ impl Replicas {
     }
 }
 
-/// Requests a replica is running or holding in its queue.
-fn load(s: &Stats) -> usize {
-    s.running.load(Ordering::Relaxed) + s.waiting.load(Ordering::Relaxed)
+/// A request's events, counted in its replica's load until dropped.
+pub struct RequestEvents {
+    receiver: UnboundedReceiver<Event>,
+    _in_flight: InFlight,
+}
+
+impl RequestEvents {
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.receiver.recv().await
+    }
+}
+
+/// One request in a replica's count, until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One hash per whole block of the prompt, each covering every token up to its block's end.
@@ -311,7 +337,6 @@ pub fn cores_per_replica(cores: Option<Vec<usize>>, dp: usize) -> Vec<Option<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn replicas(
         n: usize,
@@ -336,10 +361,22 @@ mod tests {
         let order: Vec<usize> = (0..6).map(|_| r.route(&prompt(0, 40))).collect();
         assert_eq!(order, [0, 1, 2, 0, 1, 2]);
         let (r, _rx) = replicas(3, LoadBalance::ShortestQueue);
-        r.engines[0].stats.running.store(2, Ordering::Relaxed);
-        r.engines[1].stats.waiting.store(1, Ordering::Relaxed);
-        r.engines[2].stats.running.store(3, Ordering::Relaxed);
+        r.in_flight[0].store(2, Ordering::Relaxed);
+        r.in_flight[1].store(1, Ordering::Relaxed);
+        r.in_flight[2].store(3, Ordering::Relaxed);
         assert_eq!(r.route(&prompt(0, 40)), 1);
+        // A request counts in its replica's load until its events are dropped.
+        let params = GenerationParams {
+            max_new_tokens: 1,
+            sampling: Default::default(),
+            stop_ids: vec![],
+            logprobs: None,
+            constraint: None,
+        };
+        let events = r.submit(prompt(0, 40), params).unwrap();
+        assert_eq!(r.in_flight[1].load(Ordering::Relaxed), 2);
+        drop(events);
+        assert_eq!(r.in_flight[1].load(Ordering::Relaxed), 1);
     }
 
     /// A prompt goes where its longest prefix went (whole blocks only), new prompts to the
@@ -347,11 +384,11 @@ mod tests {
     #[test]
     fn cache_aware_follows_prefixes_until_loads_are_too_far_apart() {
         let (r, _rx) = replicas(2, LoadBalance::CacheAware);
-        r.engines[0].stats.running.store(1, Ordering::Relaxed);
+        r.in_flight[0].store(1, Ordering::Relaxed);
         let first = r.route(&prompt(7, 64));
         assert_eq!(first, 1, "no match: the lighter replica");
-        r.engines[0].stats.running.store(0, Ordering::Relaxed);
-        r.engines[1].stats.running.store(3, Ordering::Relaxed);
+        r.in_flight[0].store(0, Ordering::Relaxed);
+        r.in_flight[1].store(3, Ordering::Relaxed);
         let mut longer = prompt(7, 64);
         longer.extend([1, 2, 3]);
         assert_eq!(
@@ -367,7 +404,7 @@ mod tests {
         let mut short = prompt(7, 15);
         short.push(99);
         assert_eq!(r.route(&short), 0, "under one block nothing matches");
-        r.engines[1].stats.waiting.store(40, Ordering::Relaxed);
+        r.in_flight[1].store(43, Ordering::Relaxed);
         assert_eq!(r.route(&prompt(7, 64)), 0, "too busy: the shortest queue");
     }
 
