@@ -138,6 +138,7 @@ fn tiny_byte_level(tokens: &[&str], pre: Option<&str>) -> GgufTokenizer {
         scores: vec![],
         bos_id: None,
         unk_id: None,
+        sep_id: None,
         add_bos: None,
         add_space_prefix: None,
         chat_template: None,
@@ -211,4 +212,40 @@ fn tokenize_and_detokenize_commands() {
         .unwrap();
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("99999999"));
+}
+
+/// WordPiece ("bert") from GGUF metadata as llama.cpp's converter writes it (word starts
+/// with `▁`, continuations bare): text lowercased and stripped of accents, split at spaces
+/// and punctuation, each word matched longest piece first, an unmatched word `[UNK]`, the
+/// whole between `[CLS]` and `[SEP]`. Ids derived by hand from that definition.
+#[test]
+fn wordpiece_from_gguf_metadata() {
+    let tokens = [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "▁hello", "▁world", "▁,", "▁!", "▁un", "aff", "able",
+        "▁cafe", "▁u", "n",
+    ];
+    let mut types = vec![1; tokens.len()];
+    types[..4].copy_from_slice(&[3, 2, 3, 3]);
+    let t = GgufTokenizer {
+        model: "bert".into(),
+        pre: None,
+        tokens: tokens.iter().map(|s| s.to_string()).collect(),
+        token_types: types,
+        merges: vec![],
+        scores: vec![],
+        bos_id: Some(2),
+        unk_id: Some(1),
+        sep_id: Some(3),
+        add_bos: Some(true),
+        add_space_prefix: None,
+        chat_template: None,
+    };
+    let tok = Tokenizer::from_gguf(&t).unwrap();
+    let ids = tok.encode("Hello, WORLD! Unaffable café xyz").unwrap();
+    assert_eq!(ids, [2, 4, 6, 5, 7, 8, 9, 10, 11, 1, 3]);
+    assert_eq!(tok.encode_plain("unable").unwrap(), [8, 10]);
+    assert_eq!(
+        tok.decode(&ids, true).unwrap(),
+        "hello, world! unaffable cafe [UNK]"
+    );
 }

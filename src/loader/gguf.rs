@@ -659,6 +659,9 @@ pub struct GgufTokenizer {
     pub scores: Vec<f32>,
     pub bos_id: Option<u32>,
     pub unk_id: Option<u32>,
+    /// WordPiece: the token that ends a text (`[SEP]`; llama.cpp's key is spelled
+    /// `seperator_token_id`).
+    pub sep_id: Option<u32>,
     /// `tokenizer.ggml.add_bos_token`; absent, the tokenizer kind decides (as llama.cpp).
     pub add_bos: Option<bool>,
     /// `tokenizer.ggml.add_space_prefix` (SentencePiece's leading `▁`).
@@ -748,6 +751,7 @@ impl GgufTokenizer {
             scores,
             bos_id: id("tokenizer.ggml.bos_token_id")?,
             unk_id: id("tokenizer.ggml.unknown_token_id")?,
+            sep_id: id("tokenizer.ggml.seperator_token_id")?,
             add_bos: flag("tokenizer.ggml.add_bos_token"),
             add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
             chat_template: file

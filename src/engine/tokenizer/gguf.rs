@@ -1,7 +1,7 @@
 //! A `tokenizers` tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata, to
 //! give the ids llama.cpp (and the model's original Hugging Face tokenizer) give:
-//! byte-level BPE ("gpt2") with its pre-tokenizer's regexes, and SentencePiece ("llama")
-//! with scores, `▁` for spaces and `<0xNN>` byte fallback.
+//! byte-level BPE ("gpt2") with its pre-tokenizer's regexes, SentencePiece ("llama")
+//! with scores, `▁` for spaces and `<0xNN>` byte fallback, and WordPiece ("bert").
 
 use super::pretokenizers;
 use crate::loader::gguf::GgufTokenizer;
@@ -12,14 +12,20 @@ use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::BertNormalizer;
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::Split;
+use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 /// llama.cpp's token types that are not ordinary text.
+const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 
@@ -47,13 +53,15 @@ pub fn build(t: &GgufTokenizer) -> Result<Built> {
             (inner, pretokenizers::adds_bos(pre), missing)
         }
         "llama" => (sentencepiece(t)?, true, vec![]),
+        // [CLS] and [SEP] come from the post-processor, so no BOS of ours.
+        "bert" => (wordpiece(t)?, false, vec![]),
         other => bail!(
             "GGUF tokenizer model `{other}` is not supported (tpserve reads byte-level BPE, \
-             \"gpt2\", and SentencePiece, \"llama\")"
+             \"gpt2\", SentencePiece, \"llama\", and WordPiece, \"bert\")"
         ),
     };
     add_special_tokens(&mut inner, t)?;
-    let wants_bos = t.add_bos.unwrap_or(bos_by_default);
+    let wants_bos = t.model != "bert" && t.add_bos.unwrap_or(bos_by_default);
     let literal_pieces = (0..t.tokens.len())
         .filter(|&i| t.token_types[i] == USER_DEFINED)
         .map(|i| (i as u32, t.tokens[i].clone()))
@@ -225,6 +233,55 @@ fn sentencepiece(t: &GgufTokenizer) -> Result<tokenizers::Tokenizer> {
         decoders.push(Strip::new(' ', 1, 0).into());
     }
     inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
+}
+
+/// WordPiece as BERT's tokenizer runs it: text cleaned, lowercased and stripped of accents,
+/// CJK characters apart, split at spaces and punctuation, each word matched longest
+/// piece first (an unmatched word is `[UNK]`), then `[CLS] … [SEP]`. llama.cpp's converter
+/// writes word-initial pieces with a leading `▁` and continuations bare (`##ing` → `ing`);
+/// they are turned back into BERT's spelling here. llama.cpp's tokenizer always lowercases.
+fn wordpiece(t: &GgufTokenizer) -> Result<tokenizers::Tokenizer> {
+    let bert_spelling = |token: &str| match token.strip_prefix(SPACE_MARK) {
+        Some(word) => word.to_owned(),
+        None if token.starts_with('[') && token.ends_with(']') => token.to_owned(),
+        None => format!("##{token}"),
+    };
+    let vocab: Vocab = t
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let special = matches!(t.token_types[i], CONTROL | UNKNOWN);
+            let s = if special { s.clone() } else { bert_spelling(s) };
+            (s, i as u32)
+        })
+        .collect();
+    let named = |id: Option<u32>, name: &str, default: u32| -> Result<(String, u32)> {
+        let id = id.unwrap_or(default);
+        let token = t
+            .tokens
+            .get(id as usize)
+            .ok_or_else(|| anyhow!("this WordPiece vocabulary has no {name} token (id {id})"))?;
+        Ok((token.clone(), id))
+    };
+    // llama.cpp's defaults for BERT vocabularies: [UNK] 100, [CLS] 101, [SEP] 102.
+    let (unk, _) = named(t.unk_id, "unknown", 100)?;
+    let cls = named(t.bos_id, "[CLS]", 101)?;
+    let sep = named(t.sep_id, "[SEP]", 102)?;
+    let model = WordPiece::builder()
+        .vocab(vocab)
+        .unk_token(unk)
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(|e| anyhow!("cannot build the WordPiece model: {e}"))?;
+    let mut inner = tokenizers::Tokenizer::new(model);
+    inner
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+        .map_err(|e| anyhow!("cannot set the WordPiece normalizer: {e}"))?;
+    inner.with_pre_tokenizer(Some(BertPreTokenizer));
+    inner.with_post_processor(Some(BertProcessing::new(sep, cls)));
+    inner.with_decoder(Some(WordPieceDecoder::new("##".into(), true)));
     Ok(inner)
 }
 
