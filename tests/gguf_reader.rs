@@ -180,8 +180,16 @@ fn unsupported_version() {
     assert!(error_of(&b).contains("version 1"));
 }
 
+/// Inputs per property: `FUZZ_CASES` (as the other fuzz targets), 2000 by default.
+fn fuzz_cases() -> u32 {
+    std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(fuzz_cases()))]
 
     /// Any truncation and any byte flips: an error or a file, never a panic.
     #[test]
