@@ -99,14 +99,6 @@ impl Replicas {
         self.engines.iter().map(|e| &*e.stats)
     }
 
-    pub fn len(&self) -> usize {
-        self.engines.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.engines.is_empty()
-    }
-
     /// Empties every replica's prefix cache, or none while any has requests in flight.
     pub async fn flush_cache(&self) -> Result<FlushOutcome> {
         let (running, waiting) = self.stats().fold((0, 0), |(r, w), s| {
