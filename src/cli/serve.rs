@@ -7,11 +7,11 @@ use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
 use crate::engine::scheduler::{EngineHandle, SchedulePolicy, SchedulerConfig, Stats};
 use crate::engine::{self, ChatTemplate, GroupOptions, Launch, Tokenizer};
 use crate::kernels::affinity::parse_cpu_list;
-use crate::loader::{self, ModelFiles};
+use crate::loader::{self, ModelConfig, ModelFiles};
 use crate::server::{self, AppState};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -98,31 +98,11 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     init_logging(&args.log_level)?;
-    if args.max_running_requests == 0 {
-        bail!("--max-running-requests must be at least 1");
-    }
-    if args.chunked_prefill_size == 0 {
-        bail!("--chunked-prefill-size must be at least 1");
-    }
+    check_numbers(&args)?;
     let policy = SchedulePolicy::parse(&args.schedule_policy)?;
     let max_connections = server::connection_limit(args.max_connections)?;
-    if args.dp_size == 0 {
-        bail!("--dp-size must be at least 1");
-    }
     let load_balance = LoadBalance::parse(&args.load_balance_method)?;
     let dp = args.dp_size;
-    if !(args.mem_fraction_static > 0.0 && args.mem_fraction_static <= 1.0) {
-        bail!(
-            "--mem-fraction-static must be in (0, 1], got {}",
-            args.mem_fraction_static
-        );
-    }
-    if args.threads_per_rank == Some(0) {
-        bail!("--threads-per-rank must be at least 1");
-    }
-    if args.tp == Some(0) {
-        bail!("--tp-size must be at least 1");
-    }
     let cpus = args.cpus.as_deref().map(parse_cpu_list).transpose()?;
     let launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
     let tp = launch.tp();
@@ -136,24 +116,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         )
     })?)?;
     let chat_template = load_chat_template(&args, &files)?;
-    let context_length = match args.context_length {
-        None => cfg.max_position_embeddings,
-        Some(n) if n > cfg.max_position_embeddings => bail!(
-            "--context-length {n} is longer than the model's {}",
-            cfg.max_position_embeddings
-        ),
-        Some(0) => bail!("--context-length must be at least 1"),
-        Some(n) => n,
-    };
-    let kv = match args.max_total_tokens {
-        Some(0) => bail!("--max-total-tokens must be at least 1"),
-        Some(n) => KvCapacity::Tokens(n),
-        // Every replica its share of the memory.
-        None => KvCapacity::MemoryFraction {
-            fraction: args.mem_fraction_static / dp as f64,
-            at_most_tokens: args.max_running_requests.saturating_mul(context_length),
-        },
-    };
+    let context_length = context_length(&args, &cfg)?;
+    let kv = kv_capacity(&args, context_length)?;
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {
         args.model_path
             .file_name()
@@ -198,35 +162,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let mut stop_ids = cfg.eos_token_ids.clone();
     stop_ids.extend(tokenizer.end_of_turn_ids());
-    let mut server_args = json!({
-        "model_path": args.model_path,
-        "served_model_name": model_name,
-        "tp_size": tp,
-        "threads_per_rank": opts.threads_per_rank(),
-        "context_length": context_length,
-        "max_running_requests": args.max_running_requests,
-        "chunked_prefill_size": args.chunked_prefill_size,
-        "disable_radix_cache": args.disable_radix_cache,
-        "schedule_policy": args.schedule_policy,
-        "host": args.host,
-        "port": args.port,
-        "enable_metrics": args.enable_metrics,
-        "ep_size": args.forward.ep_size,
-        "dp_size": dp,
-        "load_balance_method": args.load_balance_method,
-        "max_connections": max_connections,
-        "request_timeout": args.request_timeout,
-    });
-    let started = std::time::Instant::now();
-    let grammars =
-        Grammars::new(&tokenizer, cfg.vocab_size, &stop_ids).map_err(|e| format!("{e:#}"));
-    match &grammars {
-        Ok(_) => tracing::info!(
-            "constrained decoding ready ({:.2} s)",
-            started.elapsed().as_secs_f64()
-        ),
-        Err(why) => tracing::warn!("constrained decoding is off for this model: {why}"),
-    }
+    let mut server_args = reported_args(&args, &model_name, &opts, context_length);
+    server_args["max_connections"] = json!(max_connections);
+    let grammars = grammars(&tokenizer, cfg.vocab_size, &stop_ids);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -290,6 +228,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let result = runtime.block_on(async move {
         let mut done_rx = done_rx;
+        // Until a signal, or until the engine ends on its own (a failure).
         let engine_failed = tokio::select! {
             _ = server::serve(listener, app, limits, shutdown_signal()) => None,
             result = &mut done_rx => Some(result),
@@ -304,6 +243,99 @@ pub fn run(args: ServeArgs) -> Result<()> {
     engines.shutdown();
     let _ = engine_thread.join();
     result
+}
+
+/// The settings /get_server_info reports (SGLang's names).
+fn reported_args(
+    args: &ServeArgs,
+    model_name: &str,
+    opts: &GroupOptions,
+    context_length: usize,
+) -> Value {
+    json!({
+        "model_path": args.model_path,
+        "served_model_name": model_name,
+        "tp_size": opts.tp,
+        "threads_per_rank": opts.threads_per_rank(),
+        "context_length": context_length,
+        "max_running_requests": args.max_running_requests,
+        "chunked_prefill_size": args.chunked_prefill_size,
+        "disable_radix_cache": args.disable_radix_cache,
+        "schedule_policy": args.schedule_policy,
+        "host": args.host,
+        "port": args.port,
+        "enable_metrics": args.enable_metrics,
+        "ep_size": args.forward.ep_size,
+        "dp_size": args.dp_size,
+        "load_balance_method": args.load_balance_method,
+        "request_timeout": args.request_timeout,
+    })
+}
+
+/// Flags that must be positive, or within a range.
+fn check_numbers(args: &ServeArgs) -> Result<()> {
+    for (value, flag) in [
+        (args.max_running_requests, "--max-running-requests"),
+        (args.chunked_prefill_size, "--chunked-prefill-size"),
+        (args.dp_size, "--dp-size"),
+        (args.threads_per_rank.unwrap_or(1), "--threads-per-rank"),
+        (args.tp.unwrap_or(1), "--tp-size"),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if !(args.mem_fraction_static > 0.0 && args.mem_fraction_static <= 1.0) {
+        bail!(
+            "--mem-fraction-static must be in (0, 1], got {}",
+            args.mem_fraction_static
+        );
+    }
+    Ok(())
+}
+
+/// `--context-length`, at most the model's (its own by default).
+fn context_length(args: &ServeArgs, cfg: &ModelConfig) -> Result<usize> {
+    Ok(match args.context_length {
+        None => cfg.max_position_embeddings,
+        Some(n) if n > cfg.max_position_embeddings => bail!(
+            "--context-length {n} is longer than the model's {}",
+            cfg.max_position_embeddings
+        ),
+        Some(0) => bail!("--context-length must be at least 1"),
+        Some(n) => n,
+    })
+}
+
+/// Each replica's KV cache: `--max-total-tokens`, or its share of
+/// `--mem-fraction-static`, decided by the engine once the weights are loaded.
+fn kv_capacity(args: &ServeArgs, context_length: usize) -> Result<KvCapacity> {
+    Ok(match args.max_total_tokens {
+        Some(0) => bail!("--max-total-tokens must be at least 1"),
+        Some(n) => KvCapacity::Tokens(n),
+        None => KvCapacity::MemoryFraction {
+            fraction: args.mem_fraction_static / args.dp_size as f64,
+            at_most_tokens: args.max_running_requests.saturating_mul(context_length),
+        },
+    })
+}
+
+/// The grammar compiler of constrained decoding, or why this model has none.
+fn grammars(
+    tokenizer: &Tokenizer,
+    vocab_size: usize,
+    stop_ids: &[u32],
+) -> Result<Grammars, String> {
+    let started = std::time::Instant::now();
+    let grammars = Grammars::new(tokenizer, vocab_size, stop_ids).map_err(|e| format!("{e:#}"));
+    match &grammars {
+        Ok(_) => tracing::info!(
+            "constrained decoding ready ({:.2} s)",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(why) => tracing::warn!("constrained decoding is off for this model: {why}"),
+    }
+    grammars
 }
 
 fn init_logging(level: &str) -> Result<()> {

@@ -263,6 +263,7 @@ pub fn run_replicas(
 ) -> Result<()> {
     let stats: Vec<&Stats> = engines.stats().collect();
     let serve = |driver: &mut Driver, commands, stats: &Stats, ready: mpsc::Sender<usize>| {
+        scheduler::publish_capacity(driver, stats);
         let _ = ready.send(driver.kv_capacity());
         scheduler::run(driver, sched, commands, stats)
     };

@@ -305,10 +305,8 @@ pub fn run(
     commands: mpsc::Receiver<Command>,
     stats: &Stats,
 ) -> Result<()> {
-    let block_size = driver.block_size();
-    let kv = KvBlocks::new(driver.kv_blocks(), block_size, cfg.prefix_cache);
-    stats.total_blocks.store(kv.total(), Ordering::Relaxed);
-    stats.block_size.store(block_size, Ordering::Relaxed);
+    let kv = KvBlocks::new(driver.kv_blocks(), driver.block_size(), cfg.prefix_cache);
+    publish_capacity(driver, stats);
     let mut s = Scheduler {
         cfg,
         stats,
@@ -333,6 +331,17 @@ pub fn run(
         s.publish();
     }
     Ok(())
+}
+
+/// The KV cache's size in `stats`: before a server says it is ready, so that its first
+/// answers report the cache it will run with.
+pub fn publish_capacity(driver: &Driver, stats: &Stats) {
+    stats
+        .total_blocks
+        .store(driver.kv_blocks(), Ordering::Relaxed);
+    stats
+        .block_size
+        .store(driver.block_size(), Ordering::Relaxed);
 }
 
 /// The scheduler's state between steps.
