@@ -256,7 +256,8 @@ fn reported_args(
         "model_path": args.model_path,
         "served_model_name": model_name,
         "tp_size": opts.tp,
-        "threads_per_rank": opts.threads_per_rank(),
+        // Replicas split the cores (see `replicas::cores_per_replica`).
+        "threads_per_rank": args.threads_per_rank.unwrap_or((opts.threads_per_rank() / args.dp_size).max(1)),
         "context_length": context_length,
         "max_running_requests": args.max_running_requests,
         "chunked_prefill_size": args.chunked_prefill_size,
