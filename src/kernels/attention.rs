@@ -185,8 +185,7 @@ pub mod scalar {
                     *lane = q[c + l].mul_add(key[c + l].to_f32(), *lane);
                 }
             }
-            let [a, b, c, d, e, f, g, h] = lanes;
-            let mut total = ((a + b) + (c + d)) + ((e + f) + (g + h));
+            let mut total = sum_lanes(lanes);
             for c in body..q.len() {
                 total += q[c] * key[c].to_f32();
             }
