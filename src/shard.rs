@@ -61,6 +61,50 @@ impl Partition {
     }
 }
 
+/// A pipeline stage (`--pp-size`): a contiguous share of the layers, the first stage with
+/// the embedding, the last with the final norm and the LM head. Uneven shares differ by
+/// one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    pub index: usize,
+    pub count: usize,
+    pub layers: Range<usize>,
+}
+
+impl Stage {
+    /// Stage `index` of `count` over `num_layers` layers.
+    pub fn new(num_layers: usize, count: usize, index: usize) -> Result<Self> {
+        if count == 0 {
+            bail!("--pp-size must be at least 1");
+        }
+        if count > num_layers {
+            bail!("--pp-size {count} is more than the model's {num_layers} layers: every stage needs at least one; use --pp-size {num_layers} or less");
+        }
+        Ok(Stage {
+            index,
+            count,
+            layers: Partition::even(num_layers, count).range(index),
+        })
+    }
+
+    /// The whole model as one stage.
+    pub fn whole(num_layers: usize) -> Self {
+        Stage {
+            index: 0,
+            count: 1,
+            layers: 0..num_layers,
+        }
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+}
+
 /// The attention heads a rank owns: its query heads, and the key/value heads those use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeadShard {

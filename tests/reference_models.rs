@@ -8,23 +8,6 @@ use tpserve::engine::{self, GenerateRequest, SamplingParams};
 use tpserve::kernels::Phase;
 use tpserve::model::{Logits, ShardPlan};
 
-const MODELS: [&str; 14] = [
-    "tiny-llama",
-    "tiny-llama-sharded",
-    "tiny-llama3-bf16",
-    "tiny-qwen2",
-    "tiny-qwen3",
-    "tiny-mha-uneven",
-    "tiny-mistral-f16",
-    "tiny-smollm-tok",
-    "tiny-phi3",
-    "tiny-mixtral",
-    "tiny-qwen2-moe",
-    "tiny-qwen3-moe",
-    "tiny-gemma2",
-    "tiny-gemma3",
-];
-
 struct Run {
     last_logits: Vec<f32>,
     all_logits: Vec<f32>,

@@ -47,23 +47,28 @@ fn allocations_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
 }
 
 /// A short and a long decode run of the same batch make the same allocations (the loop's
-/// two setup vectors): no decode step allocates, at any tp, alone or batched, with one or
-/// several kernel threads per rank.
+/// two setup vectors): no decode step allocates, at any tp, in pipeline stages (their
+/// micro-batches and messages), alone or batched, with one or several kernel threads per
+/// rank.
 #[test]
 fn decode_steps_allocate_nothing() {
     let files = loader::open_model(&common::smollm2()).unwrap();
     let (prompt, short, long): (usize, usize, usize) = (16, 8, 300);
-    // (tp, batch, kernel threads per rank)
-    for (tp, batch, threads) in [
-        (1, 1, 1),
-        (2, 1, 1),
-        (3, 2, 1),
-        (4, 3, 1),
-        (1, 2, 2),
-        (2, 1, 2),
+    // (tp, pipeline stages, batch, kernel threads per rank)
+    for (tp, pp, batch, threads) in [
+        (1, 1, 1, 1),
+        (2, 1, 1, 1),
+        (3, 1, 2, 1),
+        (4, 1, 3, 1),
+        (1, 1, 2, 2),
+        (2, 1, 1, 2),
+        (1, 2, 1, 1),
+        (1, 3, 4, 1),
+        (2, 2, 3, 1),
     ] {
         let per_seq = (prompt + short + long + 1).div_ceil(16);
-        let opts = GroupOptions::single_sequence(tp, Some(threads), batch * per_seq * 16);
+        let mut opts = GroupOptions::single_sequence(tp, Some(threads), batch * per_seq * 16);
+        opts.pipeline.stages = pp;
         engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
             let tables: Vec<u32> = (0..(batch * per_seq) as u32).collect();
             let prompts: Vec<u32> = (0..(batch * prompt) as u32).map(|i| 100 + i).collect();
@@ -90,7 +95,7 @@ fn decode_steps_allocate_nothing() {
             assert_eq!(
                 long_run,
                 short_run,
-                "tp {tp}, batch {batch}, {threads} threads per rank: {long} decode steps \
+                "tp {tp}, pp {pp}, batch {batch}, {threads} threads per rank: {long} decode steps \
                  allocated {} more times than {short}",
                 long_run.saturating_sub(short_run)
             );

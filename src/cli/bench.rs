@@ -49,6 +49,8 @@ pub struct BenchArgs {
     pub json: bool,
     #[command(flatten)]
     pub forward: super::ForwardArgs,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
 }
 
 /// One measured case.
@@ -79,7 +81,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .transpose()?;
     let files = loader::open_model(&args.model)?;
     let cfg = &files.config;
-    let first = Launch::resolve(args.comm.as_deref(), None)?;
+    let pipeline = args.pipeline.options();
+    let first = Launch::resolve(args.comm.as_deref(), None, pipeline.stages)?;
     let leader = first.is_leader();
     let local = matches!(first, Launch::Local { .. });
     // One group per tp size; an MPI world is one: the processes mpirun started.
@@ -90,7 +93,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let tps: Vec<usize> = launches.iter().map(Launch::tp).collect();
     for &tp in &tps {
-        engine::runtime::validate_tp(cfg, tp)?;
+        engine::runtime::validate_layout(cfg, tp, &pipeline)?;
     }
 
     // The machine first, while nothing else runs. (Under mpirun the other ranks are already
@@ -99,7 +102,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if leader && local {
         let cores = cpus.clone().unwrap_or_else(affinity::available_cores);
         for &tp in &tps {
-            let threads = tp * args.threads_per_rank;
+            let threads = tp * pipeline.stages * args.threads_per_rank;
             bandwidth.entry(threads).or_insert_with(|| {
                 // Pinned one per core when there are enough cores, as the ranks are.
                 let pinned = cores.get(..threads).unwrap_or_default();
@@ -119,6 +122,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let tp = launch.tp();
         let opts = GroupOptions {
             tp,
+            pipeline,
             threads_per_rank: Some(args.threads_per_rank),
             kv: KvCapacity::Tokens(
                 max_batch * longest.blocks_per_seq(DEFAULT_BLOCK_SIZE) * DEFAULT_BLOCK_SIZE,
@@ -179,7 +183,7 @@ fn roofline_tok_s(
     threads_per_rank: usize,
 ) -> Option<f64> {
     let bytes: usize = row.memory.iter().map(|m| m.decode_read_bytes).sum();
-    let bw = bandwidth.get(&(row.tp * threads_per_rank))?;
+    let bw = bandwidth.get(&(row.memory.len() * threads_per_rank))?;
     Some(bw * 1e9 / bytes as f64 * row.spec.batch as f64)
 }
 
@@ -198,6 +202,7 @@ fn report(args: &BenchArgs, model: &str, bandwidth: &BTreeMap<usize, f64>, rows:
                 let roof = roofline_tok_s(r, bandwidth, tpr);
                 json!({
                     "tp": r.tp,
+                    "pp": args.pipeline.pp_size,
                     "batch_size": r.spec.batch,
                     "threads_per_rank": tpr,
                     "input_len": r.spec.input_len,
@@ -236,8 +241,12 @@ fn report(args: &BenchArgs, model: &str, bandwidth: &BTreeMap<usize, f64>, rows:
     } else {
         println!("machine read bandwidth: {}", bw.join(", "));
     }
+    let stages = match args.pipeline.pp_size {
+        1 => String::new(),
+        pp => format!(", {pp} pipeline stages of tp ranks each"),
+    };
     println!(
-        "input {} tokens, output {} tokens, {tpr} thread(s) per rank, median of {} run(s)\n",
+        "input {} tokens, output {} tokens, {tpr} thread(s) per rank{stages}, median of {} run(s)\n",
         args.input_len, args.output_len, args.runs
     );
     println!("| tp | batch | prefill tok/s | decode tok/s | TPOT ms | decode roofline tok/s | of roofline |");
@@ -263,7 +272,8 @@ fn report(args: &BenchArgs, model: &str, bandwidth: &BTreeMap<usize, f64>, rows:
         println!("|---|---|---|---|---|---|");
         for r in rows.iter().filter(|r| r.spec.batch == batch) {
             let actual = r.times.decode_tok_s(&r.spec) / b;
-            let ratio = base_bw.and_then(|b| bandwidth.get(&(r.tp * tpr)).map(|x| x / b));
+            let threads = r.memory.len() * tpr;
+            let ratio = base_bw.and_then(|b| bandwidth.get(&threads).map(|x| x / b));
             println!(
                 "| {} | {:.2} | {:.2} | {:.0}% | {} | {} |",
                 r.tp,

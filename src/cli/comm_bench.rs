@@ -39,7 +39,7 @@ pub fn run(args: CommBenchArgs) -> Result<()> {
         bail!("--tp must be at least 1");
     }
     // Local groups default to 2 ranks; an MPI world is as large as mpirun made it.
-    let mut launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
+    let mut launch = Launch::resolve(args.comm.as_deref(), args.tp, 1)?;
     // Without the mpi feature, Local is the only kind of launch.
     #[allow(irrefutable_let_patterns)]
     if let Launch::Local { tp } = &mut launch {
@@ -49,7 +49,9 @@ pub fn run(args: CommBenchArgs) -> Result<()> {
     let (backend, rows) = match launch {
         Launch::Local { tp } => ("local", bench_local(tp, &args)?),
         #[cfg(feature = "mpi")]
-        Launch::Mpi(mut comm) => {
+        Launch::Mpi {
+            world: mut comm, ..
+        } => {
             let rows = bench_rank(&mut comm, &args)?;
             if comm.rank() != 0 {
                 return Ok(());

@@ -59,6 +59,8 @@ pub struct GenerateArgs {
     pub json: bool,
     #[command(flatten)]
     pub forward: super::ForwardArgs,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -68,11 +70,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.threads_per_rank == Some(0) {
         bail!("--threads-per-rank must be at least 1");
     }
-    let launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
+    let pipeline = args.pipeline.options();
+    let launch = Launch::resolve(args.comm.as_deref(), args.tp, pipeline.stages)?;
     let tp = launch.tp();
     let files = loader::open_model(&args.model)?;
     let cfg = &files.config;
-    engine::runtime::validate_tp(cfg, tp)?;
+    engine::runtime::validate_layout(cfg, tp, &pipeline)?;
     let tokenizer = files.tokenizer.as_ref().map(Tokenizer::new).transpose()?;
     let need_tokenizer = |flag: &str| {
         tokenizer.as_ref().ok_or_else(|| {
@@ -115,6 +118,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     engine::generate::validate_request(&request, cfg.vocab_size, capacity.max(1))?;
     let mut opts = GroupOptions::single_sequence(tp, args.threads_per_rank, capacity);
     opts.forward = args.forward.options();
+    opts.pipeline = pipeline;
     let generation = engine::run_group(launch, files.tensors.as_ref(), cfg, &opts, |driver| {
         engine::generate(driver, &request)
     })

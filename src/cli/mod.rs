@@ -10,6 +10,7 @@ mod serve;
 mod synth;
 mod tokenize;
 
+use crate::engine::PipelineOptions;
 use crate::model::{ForwardOptions, KvDtype};
 use clap::{Args, Parser, Subcommand};
 
@@ -38,6 +39,28 @@ impl ForwardArgs {
             fused_allreduce: !self.disable_fused_allreduce,
             kv_dtype: self.kv_cache_dtype,
             ep_size: self.ep_size,
+        }
+    }
+}
+
+/// Pipeline parallelism: the layers split into stages of `--tp` ranks each.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct PipelineArgs {
+    /// Pipeline stages: the layers split into this many contiguous stages, each a TP group
+    /// of --tp ranks (tp × pp ranks in all; under mpirun, tp × pp processes).
+    #[arg(long, visible_aliases = ["pipeline-parallel-size"], default_value_t = 1)]
+    pub pp_size: usize,
+    /// Sequences per micro-batch at most; by default a step's sequences are cut into one
+    /// micro-batch per stage, so that the stages work at once.
+    #[arg(long)]
+    pub pp_max_micro_batch_size: Option<usize>,
+}
+
+impl PipelineArgs {
+    pub fn options(&self) -> PipelineOptions {
+        PipelineOptions {
+            stages: self.pp_size,
+            max_micro_batch: self.pp_max_micro_batch_size,
         }
     }
 }

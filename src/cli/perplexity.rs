@@ -30,6 +30,8 @@ pub struct PerplexityArgs {
     /// Print {"ppl", "tokens", "windows"} as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
 }
 
 pub fn run(args: PerplexityArgs) -> Result<()> {
@@ -54,8 +56,10 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
     if args.tp == Some(0) {
         bail!("--tp must be at least 1");
     }
-    let launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
-    let opts = GroupOptions::single_sequence(launch.tp(), args.threads_per_rank, args.ctx);
+    let pipeline = args.pipeline.options();
+    let launch = Launch::resolve(args.comm.as_deref(), args.tp, pipeline.stages)?;
+    let mut opts = GroupOptions::single_sequence(launch.tp(), args.threads_per_rank, args.ctx);
+    opts.pipeline = pipeline;
     let bos = tokenizer.bos_id();
     let quiet = args.json || !launch.is_leader();
     let result = engine::run_group(

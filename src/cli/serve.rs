@@ -3,7 +3,7 @@
 use crate::engine::grammar::Grammars;
 use crate::engine::kv_capacity::KvCapacity;
 use crate::engine::replicas::{run_replicas, LoadBalance, Replicas};
-use crate::engine::runtime::{validate_tp, DEFAULT_BLOCK_SIZE};
+use crate::engine::runtime::{validate_layout, DEFAULT_BLOCK_SIZE};
 use crate::engine::scheduler::{EngineHandle, SchedulePolicy, SchedulerConfig, Stats};
 use crate::engine::{self, ChatTemplate, GroupOptions, Launch, Tokenizer};
 use crate::kernels::affinity::parse_cpu_list;
@@ -21,6 +21,8 @@ use std::time::Duration;
 pub struct ServeArgs {
     #[command(flatten)]
     pub forward: super::ForwardArgs,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
     /// A GGUF file, or a Hugging Face model folder.
     #[arg(long = "model-path", visible_alias = "model")]
     pub model_path: PathBuf,
@@ -104,11 +106,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let load_balance = LoadBalance::parse(&args.load_balance_method)?;
     let dp = args.dp_size;
     let cpus = args.cpus.as_deref().map(parse_cpu_list).transpose()?;
-    let launch = Launch::resolve(args.comm.as_deref(), args.tp)?;
+    let pipeline = args.pipeline.options();
+    let launch = Launch::resolve(args.comm.as_deref(), args.tp, pipeline.stages)?;
     let tp = launch.tp();
     let files = loader::open_model(&args.model_path)?;
     let cfg = files.config.clone();
-    validate_tp(&cfg, tp)?;
+    validate_layout(&cfg, tp, &pipeline)?;
     let tokenizer = Tokenizer::new(files.tokenizer.as_ref().ok_or_else(|| {
         anyhow!(
             "{} has no tokenizer; the server needs one",
@@ -137,6 +140,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let progress = Arc::new(AtomicUsize::new(0));
     let opts = GroupOptions {
         tp,
+        pipeline,
         threads_per_rank: args.threads_per_rank,
         kv,
         block_size: DEFAULT_BLOCK_SIZE,
@@ -217,8 +221,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         stop_ids,
     });
     tracing::info!(
-        "tpserve ready on http://{address} (model {model_name}, tp {}, {} KV tokens)",
-        tp,
+        "tpserve ready on http://{address} (model {model_name}, tp {tp}, pp {}, dp {dp}, {} KV tokens)",
+        pipeline.stages,
         max_total_tokens
     );
     let app = server::router(state);
@@ -256,6 +260,8 @@ fn reported_args(
         "model_path": args.model_path,
         "served_model_name": model_name,
         "tp_size": opts.tp,
+        "pp_size": opts.pipeline.stages,
+        "pp_max_micro_batch_size": opts.pipeline.max_micro_batch,
         // Replicas split the cores (see `replicas::cores_per_replica`).
         "threads_per_rank": args.threads_per_rank.unwrap_or((opts.threads_per_rank() / args.dp_size).max(1)),
         "context_length": context_length,

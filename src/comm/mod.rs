@@ -1,4 +1,5 @@
-//! The tensor-parallel group: the collectives that ranks use to combine their shards.
+//! The tensor-parallel group: the collectives that ranks use to combine their shards; and
+//! the point-to-point messages of pipeline stages ([`peers`]).
 //!
 //! Every backend guarantees that after a collective all ranks hold bit-identical values
 //! (sums are always taken in rank order), so ranks that start equal stay equal and
@@ -7,8 +8,10 @@
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod peers;
 
 pub use local::LocalGroup;
+pub use peers::{LocalPeers, Peers};
 
 use anyhow::Result;
 

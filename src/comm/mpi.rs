@@ -1,16 +1,18 @@
 //! The `mpi` backend: one rank per process, started by `mpirun` (Open MPI or MPICH), in one
-//! node over shared memory or across nodes over the network. The MPI world is the TP group.
+//! node over shared memory or across nodes over the network. The MPI world is the TP group,
+//! or with pipeline stages it splits into one TP group per stage ([`MpiComm::split`]) and
+//! carries the stages' point-to-point messages ([`MpiPeers`]).
 //!
 //! MPI sums in a fixed order for a given communicator, so every rank gets the same bits; the
 //! engine's row-parallel sums are integers anyway (exact whatever the order).
 
-use super::{AbortHandle, Comm};
+use super::{AbortHandle, Comm, Peers};
 use anyhow::{anyhow, bail, Result};
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::request::{Request, StaticScope};
-use mpi::topology::SimpleCommunicator;
+use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Threading;
 
@@ -75,7 +77,29 @@ impl MpiComm {
         }
         let world = universe.world();
         *UNIVERSE.lock().unwrap_or_else(|e| e.into_inner()) = Some(SendUniverse(universe));
-        Ok(MpiComm {
+        Ok(Self::over(world))
+    }
+
+    /// The ranks of this group that pass the same `color`, as a group of their own (in
+    /// this group's order). Collective: every rank calls it.
+    pub fn split(&self, color: usize) -> Result<MpiComm> {
+        let group = self
+            .world
+            .split_by_color(Color::with_value(color as i32))
+            .ok_or_else(|| anyhow!("MPI could not split the world into groups"))?;
+        Ok(Self::over(group))
+    }
+
+    /// Point-to-point messages between this group's ranks (on a communicator of their own,
+    /// so they never match a collective's). Collective: every rank calls it.
+    pub fn peers(&self) -> Result<MpiPeers> {
+        Ok(MpiPeers {
+            world: self.world.duplicate(),
+        })
+    }
+
+    fn over(world: SimpleCommunicator) -> Self {
+        MpiComm {
             rank: world.rank() as usize,
             size: world.size() as usize,
             world,
@@ -87,7 +111,7 @@ impl MpiComm {
             displs: Vec::new(),
             send_f32: Vec::new(),
             send_i64: Vec::new(),
-        })
+        }
     }
 
     /// Makes the split-phase buffers hold `len` values (growing leaks the old pair: it is
@@ -223,5 +247,34 @@ impl Comm for MpiComm {
             }
             std::process::exit(1);
         })
+    }
+}
+
+/// Point-to-point messages between the processes of an MPI world (pipeline stages).
+pub struct MpiPeers {
+    world: SimpleCommunicator,
+}
+
+// SAFETY: as for `MpiComm`: one thread at a time uses a rank's handle.
+unsafe impl Send for MpiPeers {}
+
+impl Peers for MpiPeers {
+    fn send(&mut self, to: usize, data: &[f32]) -> Result<()> {
+        if to >= self.world.size() as usize {
+            bail!("no rank {to} in a world of {}", self.world.size());
+        }
+        self.world.process_at_rank(to as i32).send(data);
+        Ok(())
+    }
+
+    fn recv(&mut self, from: usize, out: &mut Vec<f32>) -> Result<()> {
+        if from >= self.world.size() as usize {
+            bail!("no rank {from} in a world of {}", self.world.size());
+        }
+        let (message, status) = self.world.process_at_rank(from as i32).matched_probe();
+        let len = status.count(f32::equivalent_datatype()).max(0) as usize;
+        out.resize(len, 0.0);
+        message.matched_receive_into(&mut out[..]);
+        Ok(())
     }
 }

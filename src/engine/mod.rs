@@ -1,4 +1,4 @@
-//! The rank runtime, step plans, sampling, tokenizer and generation.
+//! The rank runtime, pipeline stages, step plans, sampling, tokenizer and generation.
 
 pub mod chat;
 pub mod generate;
@@ -6,6 +6,7 @@ pub mod grammar;
 pub mod kv_blocks;
 pub mod kv_capacity;
 pub mod perplexity;
+pub mod pipeline;
 pub mod plan;
 pub mod prefix_cache;
 pub mod replicas;
@@ -16,6 +17,7 @@ pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use generate::{generate, FinishReason, GenerateRequest, Generation};
+pub use pipeline::PipelineOptions;
 pub use runtime::{run_group, run_local, Driver, GroupOptions, Launch};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;

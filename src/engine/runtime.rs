@@ -1,26 +1,31 @@
-//! The rank runtime: N ranks as threads, each loading its shard; rank 0 drives, the others
-//! run the worker loop (receive a step plan, run the forward pass, contribute).
+//! The rank runtime: tp × pp ranks as threads (or MPI processes), each loading its shard;
+//! rank 0 drives, the others run the worker loop (receive a step plan, run the forward
+//! pass, contribute).
 
 use super::grammar;
 use super::kv_capacity::KvCapacity;
+use super::pipeline::{self, Pipeline, PipelineOptions};
 use super::plan::{self, Gather, PlanKind, ReceivedPlan, RowMask};
 use super::sampling::{by_logit, logit_key};
-use crate::comm::{Comm, LocalGroup};
+use crate::comm::{peers, AbortHandle, Comm, LocalGroup, LocalPeers};
 use crate::kernels::affinity;
 use crate::kernels::{Phase, Threads};
 use crate::loader::{ModelConfig, TensorSource};
-use crate::model::{ForwardOptions, KvCache, Logits, Model, SeqStep};
-use crate::shard::Partition;
+use crate::model::{ForwardOptions, KvCache, Logits, Model, RankPlace, SeqStep};
+use crate::shard::{Partition, Stage};
 use anyhow::{anyhow, bail, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-/// How to lay out a tensor-parallel group on this machine.
+/// How to lay out a group of ranks on this machine: pipeline stages of tensor-parallel
+/// groups.
 #[derive(Debug, Clone)]
 pub struct GroupOptions {
     pub tp: usize,
-    /// Kernel threads per rank; `None`: the machine's cores divided by tp, at least 1.
+    /// Pipeline stages, and their micro-batches.
+    pub pipeline: PipelineOptions,
+    /// Kernel threads per rank; `None`: the machine's cores divided by the ranks, at least 1.
     pub threads_per_rank: Option<usize>,
     /// The KV cache's size, decided once the weights are loaded.
     pub kv: KvCapacity,
@@ -42,6 +47,7 @@ impl GroupOptions {
     pub fn single_sequence(tp: usize, threads_per_rank: Option<usize>, positions: usize) -> Self {
         GroupOptions {
             tp,
+            pipeline: PipelineOptions::default(),
             threads_per_rank,
             kv: KvCapacity::Tokens(positions),
             block_size: DEFAULT_BLOCK_SIZE,
@@ -57,8 +63,13 @@ impl GroupOptions {
                 Some(c) => c.len(),
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             };
-            (cores / self.tp.max(1)).max(1)
+            (cores / self.world_size().max(1)).max(1)
         })
+    }
+
+    /// Ranks in all: tp per stage, times the stages.
+    pub fn world_size(&self) -> usize {
+        self.tp * self.pipeline.stages
     }
 }
 
@@ -77,11 +88,36 @@ pub fn validate_tp(cfg: &ModelConfig, tp: usize) -> Result<()> {
     Ok(())
 }
 
-/// One rank's state: its shard, its KV cache and its handle on the group.
+/// Checks a layout (tp per stage, pipeline stages) against a model.
+pub fn validate_layout(cfg: &ModelConfig, tp: usize, pipeline: &PipelineOptions) -> Result<()> {
+    validate_tp(cfg, tp)?;
+    pipeline.validate(cfg.num_layers)
+}
+
+/// One rank's state: its shard, its KV cache, its handle on its stage's TP group and, with
+/// several stages, on the pipeline.
 pub struct Rank {
     pub model: Model,
     pub kv: KvCache,
     pub comm: Box<dyn Comm>,
+    pub pipeline: Option<Pipeline>,
+}
+
+impl Rank {
+    /// The group that plans and reports go through: the whole world.
+    fn control(&mut self) -> &mut dyn Comm {
+        match &mut self.pipeline {
+            Some(p) => &mut *p.world,
+            None => &mut *self.comm,
+        }
+    }
+
+    /// Sequences per micro-batch for a step of `seqs` sequences.
+    fn micro_batch(&self, seqs: usize) -> usize {
+        self.pipeline
+            .as_ref()
+            .map_or(seqs, |p| p.options.micro_batch(seqs))
+    }
 }
 
 /// Rank 0's side of the group: it plans each step, and every rank executes it.
@@ -128,13 +164,18 @@ impl Driver<'_> {
     /// [`Self::forward`], with the tokens `masks` leave out of their rows at −∞.
     pub fn forward_masked(&mut self, seqs: &[SeqStep], masks: &[RowMask]) -> Result<&[f32]> {
         plan::encode_forward(seqs, Gather::AllLogits, &[], &mut self.plan);
-        self.rank.comm.broadcast(&mut self.plan, 0)?;
+        self.rank.control().broadcast(&mut self.plan, 0)?;
         let vocab = self.rank.model.config().vocab_size;
         execute_forward(self.rank, seqs, Gather::AllLogits, &[], &mut self.buffers)?;
-        let gathered = &self.buffers.gathered;
-        let positions = gathered.len() / vocab;
-        self.logits.resize(positions * vocab, 0.0);
-        interleave_vocab_shards(gathered, vocab, self.tp(), &mut self.logits);
+        let (gathered, tp) = (&self.buffers.gathered, self.tp());
+        self.logits.resize(gathered.len(), 0.0);
+        let mut at = 0;
+        for (mb, first_row) in pipeline::micro_batches(seqs, self.rank.micro_batch(seqs.len())) {
+            let len = pipeline::logit_rows(mb) * vocab;
+            let out = &mut self.logits[first_row * vocab..first_row * vocab + len];
+            interleave_vocab_shards(&gathered[at..at + len], vocab, tp, out);
+            at += len;
+        }
         for &(row, words) in masks {
             let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
             grammar::mask_logits(words, logits);
@@ -161,9 +202,17 @@ impl Driver<'_> {
     ) -> Result<&[(u32, f32)]> {
         let k = k.clamp(1, self.config().vocab_size);
         plan::encode_forward(seqs, Gather::TopK(k), masks, &mut self.plan);
-        self.rank.comm.broadcast(&mut self.plan, 0)?;
+        self.rank.control().broadcast(&mut self.plan, 0)?;
         execute_forward(self.rank, seqs, Gather::TopK(k), masks, &mut self.buffers)?;
-        merge_top_k(&self.buffers.gathered, self.tp(), k, &mut self.top);
+        let (tp, vocab) = (self.tp(), self.config().vocab_size);
+        let gathered = &self.buffers.gathered;
+        self.top.clear();
+        let mut at = 0;
+        for (mb, _) in pipeline::micro_batches(seqs, self.rank.micro_batch(seqs.len())) {
+            let len = pipeline::gathered_len(Gather::TopK(k), pipeline::logit_rows(mb), vocab, tp);
+            merge_top_k(&gathered[at..at + len], tp, k, &mut self.top);
+            at += len;
+        }
         Ok(&self.top)
     }
 
@@ -200,15 +249,21 @@ impl Driver<'_> {
         self.forward_top_k(&[step], k)
     }
 
-    fn stop(&mut self) -> Result<()> {
-        plan::encode_stop(&mut self.plan);
-        self.rank.comm.broadcast(&mut self.plan, 0)
+    /// Pipeline stages.
+    pub fn pp(&self) -> usize {
+        self.rank.pipeline.as_ref().map_or(1, |p| p.stage.count)
     }
 
-    /// What each rank holds: weight bytes, and KV cache bytes per token.
+    fn stop(&mut self) -> Result<()> {
+        plan::encode_stop(&mut self.plan);
+        self.rank.control().broadcast(&mut self.plan, 0)
+    }
+
+    /// What each rank holds (every rank of every stage, in world order): weight bytes,
+    /// and KV cache bytes per token.
     pub fn memory_per_rank(&mut self) -> Result<Vec<RankMemory>> {
         plan::encode_report_memory(&mut self.plan);
-        self.rank.comm.broadcast(&mut self.plan, 0)?;
+        self.rank.control().broadcast(&mut self.plan, 0)?;
         gather_memory(self.rank)
     }
 
@@ -236,7 +291,7 @@ pub struct RankMemory {
 /// Every rank's [`RankMemory`], exactly: each fills its own slots and an integer
 /// all-reduce assembles them.
 fn gather_memory(rank: &mut Rank) -> Result<Vec<RankMemory>> {
-    let (r, n) = (rank.comm.rank(), rank.comm.size());
+    let (r, n) = (rank.control().rank(), rank.control().size());
     const FIELDS: usize = 4;
     let mut all = vec![0i64; FIELDS * n];
     let kv = &rank.kv;
@@ -245,7 +300,7 @@ fn gather_memory(rank: &mut Rank) -> Result<Vec<RankMemory>> {
     mine[1] = (kv.bytes() / (kv.num_blocks() * kv.block_size())) as i64;
     mine[2] = rank.model.decode_read_bytes() as i64;
     mine[3] = process_anon_bytes().unwrap_or(0) as i64;
-    rank.comm.all_reduce_sum_i64(&mut all)?;
+    rank.control().all_reduce_sum_i64(&mut all)?;
     Ok(all
         .chunks_exact(FIELDS)
         .map(|m| RankMemory {
@@ -257,13 +312,17 @@ fn gather_memory(rank: &mut Rank) -> Result<Vec<RankMemory>> {
         .collect())
 }
 
-/// Buffers of a rank's gather, kept across steps.
+/// Buffers of a rank's step and gather, kept across steps.
 #[derive(Default)]
 struct GatherBuffers {
     /// This rank's top-k candidates, `[position][k][logit, id bits]`.
     local_top: Vec<f32>,
-    /// Every rank's contribution, rank-major.
+    /// One micro-batch's gather: every rank's contribution, rank-major.
+    part: Vec<f32>,
+    /// The step's micro-batches' gathers, one after the other.
     gathered: Vec<f32>,
+    /// The hidden states a pipeline stage receives from the previous one.
+    hidden: Vec<f32>,
 }
 
 /// Anonymous resident memory of this process (Linux `RssAnon`: what it allocated and
@@ -275,8 +334,9 @@ fn process_anon_bytes() -> Option<usize> {
     Some(kib * 1024)
 }
 
-/// The forward pass every rank runs for a step, then the gather `gather` asks for:
-/// the logits, `[rank][position][vocab_local]`, or each rank's top k,
+/// The forward pass every rank runs for a step, micro-batch by micro-batch through the
+/// stages; then rank 0 holds in `buffers.gathered`, per micro-batch, the gather `gather`
+/// asks for: the logits, `[rank][position][vocab_local]`, or each rank's top k,
 /// `[rank][position][k][logit, id bits]`.
 fn execute_forward(
     rank: &mut Rank,
@@ -285,23 +345,65 @@ fn execute_forward(
     masks: &[RowMask],
     buffers: &mut GatherBuffers,
 ) -> Result<()> {
-    let vocab = rank.model.plan().vocab.clone();
-    let local = rank.model.forward(seqs, &mut rank.kv, &mut *rank.comm)?;
-    match gather {
-        Gather::AllLogits => rank.comm.all_gather(local, &mut buffers.gathered),
+    let size = rank.micro_batch(seqs.len());
+    let Rank {
+        model,
+        kv,
+        comm,
+        pipeline,
+    } = rank;
+    let vocab = model.plan().vocab.clone();
+    buffers.gathered.clear();
+    for (mb, first_row) in pipeline::micro_batches(seqs, size) {
+        let hidden = match pipeline.as_mut() {
+            Some(p) => p.receive_hidden(&mut buffers.hidden)?,
+            None => None,
+        };
+        let out = model.forward(mb, kv, &mut **comm, hidden)?;
+        match pipeline.as_mut() {
+            Some(p) if !p.stage.is_last() => p.send_hidden(out)?,
+            _ => gather_part(out, &vocab, gather, masks, first_row, &mut **comm, buffers)?,
+        }
+    }
+    match pipeline {
+        Some(p) => p.return_results(&mut buffers.gathered),
+        None => Ok(()),
+    }
+}
+
+/// Gathers one micro-batch's results over the stage's TP group (`local`: this rank's
+/// logits of its `vocab` slice; the micro-batch's rows start at step row `first_row`),
+/// appending them to `buffers.gathered`.
+fn gather_part(
+    local: &[f32],
+    vocab: &std::ops::Range<usize>,
+    gather: Gather,
+    masks: &[RowMask],
+    first_row: usize,
+    comm: &mut dyn Comm,
+    buffers: &mut GatherBuffers,
+) -> Result<()> {
+    let mine = match gather {
+        Gather::AllLogits => local,
         Gather::TopK(k) => {
             buffers.local_top.clear();
             if !vocab.is_empty() {
-                let mut masks = masks.iter().peekable();
+                let mut masks = masks.iter().skip_while(|m| m.0 < first_row).peekable();
                 for (r, row) in local.chunks_exact(vocab.len()).enumerate() {
-                    let mask = masks.next_if(|m| m.0 == r).map(|m| m.1);
+                    let mask = masks.next_if(|m| m.0 == first_row + r).map(|m| m.1);
                     push_top_k(row, vocab.start as u32, k, mask, &mut buffers.local_top);
                 }
             }
-            rank.comm
-                .all_gather(&buffers.local_top, &mut buffers.gathered)
+            &buffers.local_top
         }
+    };
+    // The first part lands in place (a step of one micro-batch copies nothing).
+    if buffers.gathered.is_empty() {
+        return comm.all_gather(mine, &mut buffers.gathered);
     }
+    comm.all_gather(mine, &mut buffers.part)?;
+    buffers.gathered.extend_from_slice(&buffers.part);
+    Ok(())
 }
 
 /// Appends the `k` largest of `row` (ids from `first_id`) as `[logit, id bits]` pairs,
@@ -339,9 +441,8 @@ fn push_top_k(row: &[f32], first_id: u32, k: usize, mask: Option<&[u32]>, out: &
 }
 
 /// Rank 0's merge of every rank's top k (`gathered`, rank-major) into the global top k
-/// per position.
+/// per position, appended to `out`.
 fn merge_top_k(gathered: &[f32], tp: usize, k: usize, out: &mut Vec<(u32, f32)>) {
-    out.clear();
     let per_rank = gathered.len() / tp;
     let positions = per_rank / (2 * k);
     for p in 0..positions {
@@ -372,14 +473,14 @@ fn interleave_vocab_shards(gathered: &[f32], vocab: usize, tp: usize, out: &mut 
     }
 }
 
-/// The loop of ranks 1..tp: execute plans until rank 0 says stop.
+/// The loop of every rank but rank 0: execute plans until rank 0 says stop.
 fn worker_loop(rank: &mut Rank) -> Result<()> {
     let mut bytes = Vec::new();
     let mut plan = ReceivedPlan::default();
     let mut buffers = GatherBuffers::default();
     let mut steps_storage: Vec<SeqStep<'static>> = Vec::new();
     loop {
-        rank.comm.broadcast(&mut bytes, 0)?;
+        rank.control().broadcast(&mut bytes, 0)?;
         match plan.decode(&bytes)? {
             PlanKind::Forward => {
                 let mut steps = SeqStep::recycle(std::mem::take(&mut steps_storage));
@@ -398,40 +499,67 @@ fn worker_loop(rank: &mut Rank) -> Result<()> {
     }
 }
 
-/// Starts `opts.tp` ranks as threads of this process, each loading its own shard of the
-/// model from `src`, and runs `drive` on rank 0. When any rank fails, the group is aborted
-/// and the first root-cause error is returned (naming the rank).
+/// Starts `opts.tp × opts.pipeline.stages` ranks as threads of this process, each loading
+/// its own shard of the model from `src`, and runs `drive` on rank 0. When any rank fails,
+/// every group is aborted and the first root-cause error is returned (naming the rank).
 pub fn run_local<T: Send>(
     src: &dyn TensorSource,
     cfg: &ModelConfig,
     opts: &GroupOptions,
     drive: impl FnOnce(&mut Driver) -> Result<T> + Send,
 ) -> Result<T> {
-    validate_tp(cfg, opts.tp)?;
+    validate_layout(cfg, opts.tp, &opts.pipeline)?;
+    let (tp, stages, world) = (opts.tp, opts.pipeline.stages, opts.world_size());
     let threads_per_rank = opts.threads_per_rank();
-    let cores = affinity::assign_cores(opts.tp, threads_per_rank, opts.cpus.as_deref());
-    let comms = LocalGroup::create(opts.tp);
+    let cores = affinity::assign_cores(world, threads_per_rank, opts.cpus.as_deref());
+    let comms: Vec<_> = (0..stages).flat_map(|_| LocalGroup::create(tp)).collect();
+    let mut pipelines: Vec<Option<Pipeline>> = if stages > 1 {
+        let peers = LocalPeers::create(world);
+        LocalGroup::create(world)
+            .into_iter()
+            .zip(peers)
+            .enumerate()
+            .map(|(r, (world_comm, peers))| {
+                Some(Pipeline {
+                    world: Box::new(world_comm),
+                    peers: Box::new(peers),
+                    stage: Stage::new(cfg.num_layers, stages, r / tp).expect("validated"),
+                    tp,
+                    options: opts.pipeline,
+                })
+            })
+            .collect()
+    } else {
+        (0..world).map(|_| None).collect()
+    };
+    // A rank that fails takes every group down, so no rank of another stage waits forever.
+    let aborts: Vec<AbortHandle> = comms
+        .iter()
+        .map(|c| c.abort_handle())
+        .chain(pipelines.iter().flatten().map(|p| p.world.abort_handle()))
+        .collect();
+    let aborts = Arc::new(aborts);
     let mut drive = Some(drive);
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        for (rank_id, comm) in comms.into_iter().enumerate() {
-            let cores = cores[rank_id].clone();
-            let drive = if rank_id == 0 { drive.take() } else { None };
+        for (id, comm) in comms.into_iter().enumerate() {
+            let setup = RankSetup {
+                place: place_of(cfg, opts, id),
+                cores: cores[id].clone(),
+                comm: Box::new(comm),
+                pipeline: pipelines[id].take(),
+                abort: {
+                    let aborts = Arc::clone(&aborts);
+                    Box::new(move |reason: &str| aborts.iter().for_each(|a| a(reason)))
+                },
+            };
+            let drive = if id == 0 { drive.take() } else { None };
             let handle = std::thread::Builder::new()
-                .name(format!("tpserve-rank-{rank_id}"))
+                .name(format!("tpserve-rank-{id}"))
                 .spawn_scoped(scope, move || {
-                    run_rank(
-                        src,
-                        cfg,
-                        opts,
-                        threads_per_rank,
-                        &cores,
-                        rank_id,
-                        comm,
-                        drive,
-                    )
+                    run_rank(src, cfg, opts, threads_per_rank, setup, drive)
                 })
-                .map_err(|e| anyhow!("cannot start rank {rank_id}'s thread: {e}"))?;
+                .map_err(|e| anyhow!("cannot start rank {id}'s thread: {e}"))?;
             handles.push(handle);
         }
         let results: Vec<Result<Option<T>>> = handles
@@ -446,18 +574,34 @@ pub fn run_local<T: Send>(
     })
 }
 
+/// Where world rank `id` sits: rank `id % tp` of stage `id / tp`.
+fn place_of(cfg: &ModelConfig, opts: &GroupOptions, id: usize) -> RankPlace {
+    let stages = opts.pipeline.stages;
+    RankPlace {
+        tp: opts.tp,
+        rank: id % opts.tp,
+        ep_size: opts.forward.ep_size,
+        stage: Stage::new(cfg.num_layers, stages, id / opts.tp).expect("validated"),
+    }
+}
+
 /// How the ranks of a group are started.
 pub enum Launch {
-    /// `tp` threads of this process.
+    /// `tp` threads per stage, in this process.
     Local { tp: usize },
-    /// This process is one rank of the MPI world (started by mpirun).
+    /// This process is one rank of the MPI world (started by mpirun), of `tp` per stage.
     #[cfg(feature = "mpi")]
-    Mpi(crate::comm::mpi::MpiComm),
+    Mpi {
+        world: crate::comm::mpi::MpiComm,
+        tp: usize,
+    },
 }
 
 impl Launch {
-    /// From `--comm` (`local`, `mpi`, or unset: MPI when launched by mpirun) and `--tp`.
-    pub fn resolve(comm: Option<&str>, tp: Option<usize>) -> Result<Launch> {
+    /// From `--comm` (`local`, `mpi`, or unset: MPI when launched by mpirun), `--tp` and
+    /// `--pp-size`: under MPI the world must hold tp × pp processes (tp, when not given,
+    /// is the world's processes over the stages).
+    pub fn resolve(comm: Option<&str>, tp: Option<usize>, pp: usize) -> Result<Launch> {
         let mpi = match comm {
             Some("local") => false,
             Some("mpi") => true,
@@ -476,21 +620,31 @@ impl Launch {
             if comm.is_none() && comm_world.rank() == 0 {
                 eprintln!("running under an MPI launcher: using --comm mpi with {size} ranks");
             }
-            if let Some(tp) = tp.filter(|&t| t != size) {
-                bail!("--tp {tp} does not match the {size} processes mpirun started: the MPI world is the TP group (drop --tp or use mpirun -np {tp})");
+            let pp = pp.max(1);
+            if !size.is_multiple_of(pp) {
+                bail!("--pp-size {pp} does not divide the {size} processes mpirun started: the world is --tp × --pp-size ranks");
             }
-            Ok(Launch::Mpi(comm_world))
+            if let Some(tp) = tp.filter(|&t| t * pp != size) {
+                bail!("--tp {tp} × --pp-size {pp} does not match the {size} processes mpirun started: the MPI world is the TP groups of every stage (drop --tp or use mpirun -np {})", tp * pp);
+            }
+            Ok(Launch::Mpi {
+                world: comm_world,
+                tp: size / pp,
+            })
         }
         #[cfg(not(feature = "mpi"))]
-        bail!("this tpserve was built without MPI support: rebuild with `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)")
+        {
+            let _ = pp;
+            bail!("this tpserve was built without MPI support: rebuild with `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)")
+        }
     }
 
-    /// Ranks in the group.
+    /// Ranks in each stage's TP group.
     pub fn tp(&self) -> usize {
         match self {
             Launch::Local { tp } => *tp,
             #[cfg(feature = "mpi")]
-            Launch::Mpi(c) => c.size(),
+            Launch::Mpi { tp, .. } => *tp,
         }
     }
 
@@ -499,7 +653,7 @@ impl Launch {
         match self {
             Launch::Local { .. } => true,
             #[cfg(feature = "mpi")]
-            Launch::Mpi(c) => c.rank() == 0,
+            Launch::Mpi { world, .. } => world.rank() == 0,
         }
     }
 }
@@ -528,46 +682,122 @@ pub fn run_group<T: Send>(
     match launch {
         Launch::Local { .. } => run_local(src, cfg, opts, drive).map(Some),
         #[cfg(feature = "mpi")]
-        Launch::Mpi(comm) => {
-            validate_tp(cfg, comm.size())?;
-            let rank = comm.rank();
-            let threads = opts.threads_per_rank();
-            let cores = opts.cpus.clone().unwrap_or_default();
-            let drive = (rank == 0).then_some(drive);
-            run_rank(src, cfg, opts, threads, &cores, rank, comm, drive)
+        Launch::Mpi { world, .. } => {
+            validate_layout(cfg, opts.tp, &opts.pipeline)?;
+            if world.size() != opts.world_size() {
+                bail!(
+                    "{} MPI processes for --tp {} × --pp-size {}",
+                    world.size(),
+                    opts.tp,
+                    opts.pipeline.stages
+                );
+            }
+            let id = world.rank();
+            let setup = mpi_rank_setup(world, cfg, opts)?;
+            let drive = (id == 0).then_some(drive);
+            run_rank(src, cfg, opts, opts.threads_per_rank(), setup, drive)
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// An MPI process's handles: its stage's TP group split from the world, and with several
+/// stages the world itself for plans and point-to-point messages.
+#[cfg(feature = "mpi")]
+fn mpi_rank_setup(
+    world: crate::comm::mpi::MpiComm,
+    cfg: &ModelConfig,
+    opts: &GroupOptions,
+) -> Result<RankSetup> {
+    let id = world.rank();
+    let place = place_of(cfg, opts, id);
+    let abort = world.abort_handle();
+    let (comm, pipeline): (Box<dyn Comm>, _) = if opts.pipeline.stages > 1 {
+        let stage_comm = world.split(place.stage.index)?;
+        let peers = world.peers()?;
+        let pipeline = Pipeline {
+            world: Box::new(world),
+            peers: Box::new(peers),
+            stage: place.stage.clone(),
+            tp: opts.tp,
+            options: opts.pipeline,
+        };
+        (Box::new(stage_comm), Some(pipeline))
+    } else {
+        (Box::new(world), None)
+    };
+    Ok(RankSetup {
+        place,
+        cores: opts.cpus.clone().unwrap_or_default(),
+        comm,
+        pipeline,
+        abort,
+    })
+}
+
+/// What a rank starts with besides the model: its place, cores, groups, and how to take
+/// every group down when it fails.
+struct RankSetup {
+    place: RankPlace,
+    cores: Vec<usize>,
+    comm: Box<dyn Comm>,
+    pipeline: Option<Pipeline>,
+    abort: AbortHandle,
+}
+
+impl RankSetup {
+    /// The rank's name in errors: its world rank, and its stage when there are several.
+    fn name(&self) -> String {
+        let id = self.place.stage.index * self.place.tp + self.place.rank;
+        match self.place.stage.count {
+            1 => format!("rank {id}"),
+            n => format!(
+                "rank {id} (pipeline stage {} of {n}, layers {}..{})",
+                self.place.stage.index, self.place.stage.layers.start, self.place.stage.layers.end
+            ),
+        }
+    }
+}
+
 fn run_rank<T>(
     src: &dyn TensorSource,
     cfg: &ModelConfig,
     opts: &GroupOptions,
     threads_per_rank: usize,
-    cores: &[usize],
-    rank_id: usize,
-    comm: impl Comm + 'static,
+    setup: RankSetup,
     drive: Option<impl FnOnce(&mut Driver) -> Result<T>>,
 ) -> Result<Option<T>> {
-    let abort = comm.abort_handle();
+    let name = setup.name();
+    let RankSetup {
+        place,
+        cores,
+        comm,
+        pipeline,
+        abort,
+    } = setup;
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<Option<T>> {
         if let Some(&core) = cores.first() {
             affinity::pin_to_core(core);
         }
-        let mut comm: Box<dyn Comm> = Box::new(comm);
-        let tp = comm.size();
-        let threads = Threads::new(threads_per_rank, cores)?;
+        let threads = Threads::new(threads_per_rank, &cores)?;
         let progress = opts.progress.as_deref();
-        let ep_size = opts.forward.ep_size;
-        let mut model = Model::load(src, cfg, tp, rank_id, threads, progress, ep_size)?;
+        let mut model = Model::load(src, cfg, &place, threads, progress)?;
         model.set_options(opts.forward);
         let per_token = model.kv_bytes_per_token();
-        let kv_blocks = opts.kv.blocks(&mut *comm, per_token, opts.block_size)?;
+        let (mut comm, mut pipeline) = (comm, pipeline);
+        let control: &mut dyn Comm = match pipeline.as_mut() {
+            Some(p) => &mut *p.world,
+            None => &mut *comm,
+        };
+        let kv_blocks = opts.kv.blocks(control, per_token, opts.block_size)?;
         let kv = model.new_kv_cache(kv_blocks, opts.block_size)?;
         // Every rank has its shard before any plan flows.
-        comm.barrier()?;
-        let mut rank = Rank { model, kv, comm };
+        control.barrier()?;
+        let mut rank = Rank {
+            model,
+            kv,
+            comm,
+            pipeline,
+        };
         let Some(drive) = drive else {
             worker_loop(&mut rank)?;
             return Ok(None);
@@ -596,9 +826,9 @@ fn run_rank<T>(
         Err(anyhow!("internal error (panic): {msg}"))
     });
     if let Err(e) = &result {
-        abort(&format!("{e:#}"));
+        abort(&format!("{name}: {e:#}"));
     }
-    result.map_err(|e| e.context(format!("rank {rank_id}")))
+    result.map_err(|e| e.context(name))
 }
 
 /// The first error that is not merely another rank reporting the abort.
@@ -610,7 +840,9 @@ fn first_root_cause<T>(results: Vec<Result<Option<T>>>) -> Result<T> {
             Ok(Some(v)) => value = Some(v),
             Ok(None) => {}
             Err(e) => {
-                let is_echo = format!("{e:#}").contains("tensor-parallel group aborted");
+                let text = format!("{e:#}");
+                let is_echo = text.contains("tensor-parallel group aborted")
+                    || text.contains(peers::PEER_STOPPED);
                 match &first_err {
                     None => first_err = Some((e, is_echo)),
                     Some((_, true)) if !is_echo => first_err = Some((e, false)),

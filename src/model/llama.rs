@@ -14,7 +14,7 @@ use crate::layers::{
 };
 use crate::loader::config::Activation;
 use crate::loader::{ModelConfig, TensorSource};
-use crate::shard::{HeadShard, Partition};
+use crate::shard::{HeadShard, Partition, Stage};
 use anyhow::{bail, Result};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +27,8 @@ struct Layer {
     k_norm: Option<RmsNorm>,
     /// Which of the model's rotary embeddings rotates this layer's q and k.
     rotary: usize,
+    /// Sliding-window attention: the positions this layer's tokens see.
+    window: Option<usize>,
     o_proj: RowParallelLinear,
     /// The norm before the MLP (Llama's post_attention_layernorm; Gemma's
     /// pre_feedforward_layernorm).
@@ -243,13 +245,39 @@ impl ShardPlan {
     }
 }
 
+/// Where a rank sits: its place in its stage's tensor-parallel group of `tp`, how experts
+/// are spread (`ep_size`, see [`ForwardOptions::ep_size`]), and its pipeline stage.
+#[derive(Debug, Clone)]
+pub struct RankPlace {
+    pub tp: usize,
+    pub rank: usize,
+    pub ep_size: usize,
+    pub stage: Stage,
+}
+
+impl RankPlace {
+    /// Rank `rank` of a `tp`-way split of the whole model (no pipeline, no expert parallelism).
+    pub fn tensor_parallel(cfg: &ModelConfig, tp: usize, rank: usize) -> Self {
+        RankPlace {
+            tp,
+            rank,
+            ep_size: 1,
+            stage: Stage::whole(cfg.num_layers),
+        }
+    }
+}
+
+/// One rank's shard of a model: its stage's layers, split tensor-parallel.
 pub struct Model {
     cfg: ModelConfig,
     plan: ShardPlan,
-    embed: VocabParallelEmbedding,
+    stage: Stage,
+    /// On the first stage only.
+    embed: Option<VocabParallelEmbedding>,
     layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: ParallelLmHead,
+    /// On the last stage only: the final norm and the LM head.
+    norm: Option<RmsNorm>,
+    lm_head: Option<ParallelLmHead>,
     /// The rotary embeddings: the model's, and Gemma 3's for sliding-window layers.
     rotaries: Vec<Rotary>,
     threads: Threads,
@@ -306,42 +334,46 @@ fn grow(buf: &mut Vec<f32>, len: usize) {
 }
 
 impl Model {
-    /// Loads rank `rank`'s shard of a `tp`-way split.
+    /// Loads the shard of the rank at `place`: its stage's layers, and the embedding and
+    /// LM head where its stage has them.
     pub fn load(
         src: &dyn TensorSource,
         cfg: &ModelConfig,
-        tp: usize,
-        rank: usize,
+        place: &RankPlace,
         threads: Threads,
         progress: Option<&AtomicUsize>,
-        ep_size: usize,
     ) -> Result<Self> {
-        let plan = ShardPlan::new(cfg, src, tp, rank, ep_size)?;
+        let plan = ShardPlan::new(cfg, src, place.tp, place.rank, place.ep_size)?;
+        let stage = place.stage.clone();
         let hidden = cfg.hidden_size;
         let eps = cfg.rms_norm_eps;
-        let table = load_vocab_rows(
-            src,
-            "model.embed_tokens.weight",
-            cfg.vocab_size,
-            hidden,
-            plan.vocab.clone(),
-        )?;
-        let lm_head = if cfg.tie_word_embeddings {
-            ParallelLmHead::new(table.clone(), plan.vocab.clone(), true)
-        } else {
-            let w = load_vocab_rows(
-                src,
-                "lm_head.weight",
-                cfg.vocab_size,
-                hidden,
+        let vocab_rows =
+            |name: &str| load_vocab_rows(src, name, cfg.vocab_size, hidden, plan.vocab.clone());
+        let tied = cfg.tie_word_embeddings;
+        let table = (stage.is_first() || (stage.is_last() && tied))
+            .then(|| vocab_rows("model.embed_tokens.weight"))
+            .transpose()?;
+        let lm_head = match (stage.is_last(), &table) {
+            (false, _) => None,
+            // Shared with this rank's embedding (counted once) on a first and last stage.
+            (true, Some(table)) if tied => Some(ParallelLmHead::new(
+                table.clone(),
                 plan.vocab.clone(),
-            )?;
-            ParallelLmHead::new(w, plan.vocab.clone(), false)
+                stage.is_first(),
+            )),
+            (true, _) => Some(ParallelLmHead::new(
+                vocab_rows("lm_head.weight")?,
+                plan.vocab.clone(),
+                false,
+            )),
         };
+        let embed = table
+            .filter(|_| stage.is_first())
+            .map(|t| VocabParallelEmbedding::new(t, plan.vocab.clone()));
         let d = cfg.head_dim;
         let heads = &plan.heads;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
+        let mut layers = Vec::with_capacity(stage.layers.len());
+        for l in stage.layers.clone() {
             let p = format!("model.layers.{l}");
             let attn = format!("{p}.self_attn");
             // Gemma's norms are offsets from 1.
@@ -379,6 +411,7 @@ impl Model {
                 q_norm: qk_norm("q_norm")?,
                 k_norm: qk_norm("k_norm")?,
                 rotary: usize::from(cfg.rope_of(l) != &cfg.rope),
+                window: cfg.window_of(l),
                 o_proj: RowParallelLinear::load(
                     src,
                     &format!("{attn}.o_proj"),
@@ -395,18 +428,20 @@ impl Model {
                 p.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let norm = || -> Result<RmsNorm> {
+            let n = RmsNorm::load(src, "model.norm.weight", hidden, eps)?;
+            Ok(if cfg.gemma_norms {
+                n.with_unit_offset()
+            } else {
+                n
+            })
+        };
         Ok(Model {
             cfg: cfg.clone(),
-            embed: VocabParallelEmbedding::new(table, plan.vocab.clone()),
-            norm: {
-                let n = RmsNorm::load(src, "model.norm.weight", hidden, eps)?;
-                if cfg.gemma_norms {
-                    n.with_unit_offset()
-                } else {
-                    n
-                }
-            },
+            embed,
+            norm: stage.is_last().then(norm).transpose()?,
             lm_head,
+            stage,
             rotaries: std::iter::once(&cfg.rope)
                 .chain(&cfg.local_rope)
                 .map(|rope| Rotary::new(d, rope))
@@ -492,16 +527,19 @@ impl Model {
                         .map_or(0, |(a, b)| a.weight_bytes() + b.weight_bytes())
             })
             .sum();
-        layers + self.embed.weight_bytes() + self.norm.weight_bytes() + self.lm_head.weight_bytes()
+        layers
+            + self.embed.as_ref().map_or(0, |e| e.weight_bytes())
+            + self.norm.as_ref().map_or(0, RmsNorm::weight_bytes)
+            + self.lm_head.as_ref().map_or(0, |h| h.weight_bytes())
     }
 
-    /// Bytes of weights one decode step streams from memory: all of them but an untied
-    /// embedding table, of which a step reads one row per token.
+    /// Bytes of weights one decode step streams from memory: all of them but an embedding
+    /// table that is not also this rank's LM head, of which a step reads one row per token.
     pub fn decode_read_bytes(&self) -> usize {
-        let embedding_only = if self.cfg.tie_word_embeddings {
-            0
-        } else {
-            self.embed.weight_bytes()
+        let embedding_only = match (&self.embed, &self.lm_head) {
+            (Some(_), Some(head)) if head.tied => 0,
+            (Some(e), _) => e.weight_bytes(),
+            (None, _) => 0,
         };
         self.weight_bytes() - embedding_only
     }
@@ -509,8 +547,15 @@ impl Model {
     /// Bytes this rank's KV cache takes per position.
     pub fn kv_bytes_per_token(&self) -> usize {
         let kv_heads = self.plan.heads.num_kv();
-        self.cfg
-            .kv_bytes_per_token(kv_heads, self.options.kv_dtype.bytes())
+        let all_layers = self
+            .cfg
+            .kv_bytes_per_token(kv_heads, self.options.kv_dtype.bytes());
+        all_layers / self.cfg.num_layers * self.layers.len()
+    }
+
+    /// This rank's pipeline stage.
+    pub fn stage(&self) -> &Stage {
+        &self.stage
     }
 
     /// An empty KV cache of `num_blocks` blocks of `block_size` positions, for this rank's
@@ -519,7 +564,7 @@ impl Model {
     /// never allocates it.
     pub fn new_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
         let kv = KvCache::new(
-            self.cfg.num_layers,
+            self.layers.len(),
             self.plan.heads.num_kv(),
             self.cfg.head_dim,
             num_blocks,
@@ -533,15 +578,18 @@ impl Model {
         Ok(kv)
     }
 
-    /// Runs one step — the new tokens of every sequence in `seqs`, as one batch, so each
-    /// weight is read once for all of them — appending their keys and values to `kv`.
-    /// Returns this rank's logits (its vocab range) for the positions asked, sequence after
-    /// sequence: `[positions × vocab_local]`.
+    /// Runs one step of this rank's stage — the new tokens of every sequence in `seqs`, as
+    /// one batch, so each weight is read once for all of them — appending their keys and
+    /// values to `kv`. The first stage starts from the tokens; the others from `hidden`,
+    /// the previous stage's output. The last stage returns this rank's logits (its vocab
+    /// range) for the positions asked, sequence after sequence: `[positions ×
+    /// vocab_local]`; the others their hidden states, `[tokens × hidden]`.
     pub fn forward(
         &mut self,
         seqs: &[SeqStep],
         kv: &mut KvCache,
         comm: &mut dyn Comm,
+        hidden_in: Option<&[f32]>,
     ) -> Result<&[f32]> {
         let cfg = &self.cfg;
         let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
@@ -613,11 +661,27 @@ impl Model {
             }
         }
 
-        self.embed.forward(&s.ids, &mut s.x, comm)?;
         let nh = n * hidden;
-        if self.cfg.gemma_norms {
-            let scale = (hidden as f64).sqrt() as f32;
-            s.x[..nh].iter_mut().for_each(|v| *v *= scale);
+        match (&self.embed, hidden_in) {
+            (Some(embed), None) => {
+                embed.forward(&s.ids, &mut s.x, comm)?;
+                if self.cfg.gemma_norms {
+                    let scale = (hidden as f64).sqrt() as f32;
+                    s.x[..nh].iter_mut().for_each(|v| *v *= scale);
+                }
+            }
+            (None, Some(h)) if h.len() == nh => s.x[..nh].copy_from_slice(h),
+            (None, Some(h)) => bail!(
+                "stage {} received {} hidden values for {n} tokens of {hidden}",
+                self.stage.index,
+                h.len()
+            ),
+            (Some(_), Some(_)) | (None, None) => {
+                bail!(
+                    "stage {} was started from the wrong input",
+                    self.stage.index
+                )
+            }
         }
 
         let ForwardOptions {
@@ -657,7 +721,7 @@ impl Model {
                 positions: &s.positions,
                 seq_of: &s.seq_of,
                 block_size: kv.block_size(),
-                window: self.cfg.window_of(l),
+                window: layer.window,
                 scale: self.cfg.query_scale,
                 softcap: self.cfg.attn_softcap,
             };
@@ -735,9 +799,12 @@ impl Model {
             }
         }
 
+        let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
+            return Ok(&s.x[..nh]);
+        };
         let m = s.logit_rows.len();
         for (i, &r) in s.logit_rows.iter().enumerate() {
-            self.norm.forward(
+            norm.forward(
                 &s.x[r * hidden..(r + 1) * hidden],
                 &mut s.h[i * hidden..(i + 1) * hidden],
             );
@@ -745,8 +812,7 @@ impl Model {
         let vocab_local = self.plan.vocab.len();
         grow(&mut s.logits, m * vocab_local);
         if m > 0 {
-            self.lm_head
-                .forward(&s.h, &s.logit_runs, &mut s.logits, &self.threads);
+            lm_head.forward(&s.h, &s.logit_runs, &mut s.logits, &self.threads);
             if let Some(cap) = self.cfg.final_softcap {
                 ops::softcap_in_place(&mut s.logits[..m * vocab_local], cap);
             }

@@ -4,4 +4,4 @@ pub mod kv_cache;
 pub mod llama;
 
 pub use kv_cache::{KvCache, KvDtype};
-pub use llama::{ExpertShard, ForwardOptions, Logits, Model, SeqStep, ShardPlan};
+pub use llama::{ExpertShard, ForwardOptions, Logits, Model, RankPlace, SeqStep, ShardPlan};

@@ -84,12 +84,40 @@ pub fn with_group_ep<T: Send>(
     kv_capacity: usize,
     f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
 ) -> T {
-    let files = loader::open_model(&fixture(model)).unwrap();
     let mut opts = GroupOptions::single_sequence(tp, Some(1), kv_capacity);
-    opts.forward.kv_dtype = KvDtype::F32;
     opts.forward.ep_size = ep_size;
+    with_options(model, opts, f)
+}
+
+/// Runs `f` on the group `opts` describes, over fixture `model`, with the KV cache in f32
+/// (as the references are computed).
+pub fn with_options<T: Send>(
+    model: &str,
+    mut opts: GroupOptions,
+    f: impl FnOnce(&mut Driver) -> anyhow::Result<T> + Send,
+) -> T {
+    let files = loader::open_model(&fixture(model)).unwrap();
+    opts.forward.kv_dtype = KvDtype::F32;
     engine::run_local(files.tensors.as_ref(), &files.config, &opts, f).unwrap()
 }
+
+/// Every fixture model: dense, MoE, Gemma's norms and sliding windows, tied heads.
+pub const MODELS: [&str; 14] = [
+    "tiny-llama",
+    "tiny-llama-sharded",
+    "tiny-llama3-bf16",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-mha-uneven",
+    "tiny-mistral-f16",
+    "tiny-smollm-tok",
+    "tiny-phi3",
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-qwen3-moe",
+    "tiny-gemma2",
+    "tiny-gemma3",
+];
 
 /// As [`with_group_kv`], for a model at any path.
 pub fn with_model_path<T: Send>(
