@@ -97,6 +97,36 @@ fn smollm2_under_mpirun_equals_in_process_tp() {
     }
 }
 
+/// Pipeline stages as processes: `mpirun -np 2` and `-np 4` with --pp-size (and --tp 2 in
+/// each stage) give in-process tp 1's ids and prompt logits, bit for bit.
+#[test]
+fn pipeline_stages_under_mpirun_equal_in_process_tp_1() {
+    let _job = one_job_at_a_time();
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let input = [
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "16",
+    ];
+    let mut args = vec!["generate", "--model", model, "--temperature", "0", "--json"];
+    args.extend(input);
+    let local = common::tpserve_json(&args);
+    for (np, layout) in [
+        (2, &["--pp-size", "2"][..]),
+        (4, &["--pp-size", "4"]),
+        (4, &["--tp", "2", "--pp-size", "2"]),
+    ] {
+        let mpi = generate_mpi(np, model, &[&input[..], layout].concat());
+        assert_eq!(mpi["output_ids"], local["output_ids"], "np {np} {layout:?}");
+        assert_eq!(
+            mpi["prompt_logits_top"], local["prompt_logits_top"],
+            "np {np} {layout:?}: logits bit for bit"
+        );
+    }
+}
+
 #[test]
 fn fixture_models_under_mpirun_match_their_references() {
     let _job = one_job_at_a_time();

@@ -691,3 +691,58 @@ async fn data_parallel_replicas_answer_as_one_engine_and_route_as_asked() {
     let busy = if requests[0] == 3 { 0 } else { 1 };
     assert!(count(&r, "cached_tokens_total")[busy] >= 32, "{r:?}");
 }
+
+/// Pipeline stages behind the server, tp × pp, and tp 3 in each of two replicas: the
+/// replies of tp 1. The requests are sent together, so that steps hold several sequences
+/// (cut into micro-batches between the stages).
+#[tokio::test(flavor = "multi_thread")]
+async fn pipeline_and_mixed_layouts_answer_as_tp_1() {
+    async fn replies_together(base: &str, prompts: &[String]) -> Vec<String> {
+        let requests = prompts.iter().map(|p| {
+            let body = json!({"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+            post(base, "/v1/completions", body)
+        });
+        futures_util::future::join_all(requests)
+            .await
+            .into_iter()
+            .map(|(status, v)| {
+                assert_eq!(status, 200, "{v}");
+                v["choices"][0]["text"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+    let prompts: Vec<String> = (0..6).map(|i| format!("Recipe {i}: first, take")).collect();
+    let kv = ["--max-total-tokens", "2048"];
+    let want = replies_together(
+        &start(&[&kv[..], &["--tp", "1"]].concat()).await.base,
+        &prompts,
+    )
+    .await;
+    for layout in [
+        &["--pp-size", "2"][..],
+        &[
+            "--tp",
+            "2",
+            "--pp-size",
+            "2",
+            "--pp-max-micro-batch-size",
+            "2",
+        ],
+        &["--tp", "3", "--dp-size", "2"],
+    ] {
+        let server = start(&[&kv[..], layout].concat()).await;
+        let got = replies_together(&server.base, &prompts).await;
+        assert_eq!(got, want, "{layout:?}");
+        let info: Value = reqwest::get(format!("{}/get_server_info", server.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let pp = layout
+            .iter()
+            .position(|&a| a == "--pp-size")
+            .map_or(1, |i| layout[i + 1].parse().unwrap());
+        assert_eq!(info["pp_size"], pp, "{info}");
+    }
+}

@@ -171,7 +171,43 @@ fn the_capital_of_france_from_the_command_line() {
     }
 }
 
-/// llama.cpp's perplexity method on a text every machine has, within 1% of its figure.
+/// Pipeline stages over SmolLM2's 30 layers, uneven at 4 (8, 7, 8, 7 layers) and 7 (4
+/// and 5), alone and with tp 2 and 3 in each stage: the greedy ids and prompt logits of
+/// tp 1, bit for bit.
+#[test]
+fn pipeline_stages_give_the_bits_of_tp_1() {
+    let model = model_path();
+    let generate = |layout: &[&str]| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap()];
+        args.extend([
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "16",
+        ]);
+        args.extend(["--temperature", "0", "--json"]);
+        args.extend(layout);
+        common::tpserve_json(&args)
+    };
+    let one = generate(&["--tp", "1"]);
+    for layout in [
+        &["--pp-size", "4"][..],
+        &["--pp-size", "7"],
+        &["--tp", "2", "--pp-size", "2"],
+        &["--tp", "3", "--pp-size", "2"],
+    ] {
+        let got = generate(layout);
+        assert_eq!(got["output_ids"], one["output_ids"], "{layout:?}");
+        assert_eq!(
+            got["prompt_logits_top"], one["prompt_logits_top"],
+            "{layout:?}: logits bit for bit"
+        );
+    }
+}
+
+/// llama.cpp's perplexity method on a text every machine has, within 1% of its figure;
+/// in pipeline stages (every position's logits through the stages), the same figure as
+/// tp 1 to the last bit.
 #[test]
 fn perplexity_matches_llama_cpp_at_tp_1_and_3() {
     #[derive(Deserialize)]
@@ -192,21 +228,15 @@ fn perplexity_matches_llama_cpp_at_tp_1_and_3() {
         case.file
     );
     let model = model_path();
-    for tp in ["1", "3"] {
-        let ctx = case.ctx.to_string();
-        let v = common::tpserve_json(&[
-            "perplexity",
-            "--model",
-            model.to_str().unwrap(),
-            "--tp",
-            tp,
-            "--json",
-            "--file",
-            &case.file,
-            "--ctx",
-            &ctx,
-        ]);
-        let ppl = v["ppl"].as_f64().unwrap();
+    let ctx = case.ctx.to_string();
+    let perplexity = |layout: &[&str]| {
+        let mut args = vec!["perplexity", "--model", model.to_str().unwrap(), "--json"];
+        args.extend(["--file", &case.file, "--ctx", &ctx]);
+        args.extend(layout);
+        common::tpserve_json(&args)["ppl"].as_f64().unwrap()
+    };
+    let tp1 = perplexity(&["--tp", "1"]);
+    for (tp, ppl) in [("1", tp1), ("3", perplexity(&["--tp", "3"]))] {
         let rel = (ppl - case.llama_cpp_ppl).abs() / case.llama_cpp_ppl;
         assert!(
             rel < 0.01,
@@ -214,6 +244,7 @@ fn perplexity_matches_llama_cpp_at_tp_1_and_3() {
             case.llama_cpp_ppl
         );
     }
+    assert_eq!(perplexity(&["--pp-size", "3"]).to_bits(), tp1.to_bits());
 }
 
 /// Overlap and fused all-reduce on the quantized model: the same logits bit for bit,
