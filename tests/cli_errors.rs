@@ -213,3 +213,58 @@ fn unknown_kv_cache_dtype_is_named() {
         &["--kv-cache-dtype fp8", "auto, f16, bf16, f32"],
     );
 }
+
+#[test]
+fn impossible_pipeline_layouts_are_named() {
+    let model = common::fixture("tiny-llama");
+    assert_clean_failure(
+        generate(&model, &["--pp-size", "5"]),
+        &["--pp-size 5", "4 layers"],
+    );
+    assert_clean_failure(generate(&model, &["--pp-size", "0"]), &["--pp-size"]);
+    assert_clean_failure(
+        generate(
+            &model,
+            &["--pp-size", "2", "--pp-max-micro-batch-size", "0"],
+        ),
+        &["--pp-max-micro-batch-size"],
+    );
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--preset",
+            "llama-3.1-8b",
+            "--device-memory",
+            "80GB",
+        ];
+        args.extend_from_slice(extra);
+        tpserve(&args)
+    };
+    assert_clean_failure(plan(&["--pp-size", "33"]), &["--pp-size 33", "32 layers"]);
+    assert_clean_failure(
+        plan(&["--devices", "2", "--pp-size", "2", "--world-size", "3"]),
+        &["--world-size"],
+    );
+    assert_clean_failure(
+        plan(&["--pp-size", "2", "--devices-per-node", "0"]),
+        &["--devices-per-node"],
+    );
+    let (code, out, err) = plan(&[
+        "--devices",
+        "2,4",
+        "--pp-size",
+        "1,2",
+        "--world-size",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let layouts: Vec<(u64, u64)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["tp"].as_u64().unwrap(), r["pp"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(layouts, [(2, 2), (4, 1)]);
+}

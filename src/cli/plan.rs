@@ -1,7 +1,9 @@
 //! `tpserve plan`: memory, communication and speed per tensor-parallel size, and the
-//! recommended size, from a model file or a preset.
+//! recommended size, from a model file or a preset; with `--pp-size` / `--dp-size`, the
+//! comparison of tensor, pipeline and data parallelism layouts.
 
 use crate::loader;
+use crate::plan::layouts::{self, Layout, LayoutRow, Nodes};
 use crate::plan::{self, Link, PlanRequest, ShapeSource, WeightDtype};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -43,6 +45,22 @@ pub struct PlanArgs {
     /// Bytes per all-reduced activation: 8 (tpserve's fixed-point), 4 (f32), 2 (bf16).
     #[arg(long, default_value_t = 8)]
     pub comm_bytes: usize,
+    /// Pipeline stages to weigh (with --dp-size: compare layouts tp × pp × dp).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub pp_size: Vec<usize>,
+    /// Data-parallel replicas to weigh (--batch-size is then per replica).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub dp_size: Vec<usize>,
+    /// Only layouts of exactly this many devices (tp × pp × dp).
+    #[arg(long)]
+    pub world_size: Option<usize>,
+    /// Devices per node, when the devices span several nodes (ranks are numbered with tp
+    /// innermost, so a TP group stays on one node when it fits).
+    #[arg(long)]
+    pub devices_per_node: Option<usize>,
+    /// The link between nodes (the same kinds as --link).
+    #[arg(long, default_value = "ethernet")]
+    pub inter_node_link: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -104,6 +122,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
         kv_bytes: args.kv_bytes,
         comm_bytes: args.comm_bytes,
     };
+    if args.pp_size != [1] || args.dp_size != [1] || args.world_size.is_some() {
+        return compare_layouts(&args, &request);
+    }
     let result = plan::plan(&request)?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
@@ -122,6 +143,96 @@ pub fn run(args: PlanArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The layouts tp × pp × dp of the flags, weighed side by side.
+fn compare_layouts(args: &PlanArgs, request: &PlanRequest) -> Result<()> {
+    let cfg = request.cfg;
+    if args.pp_size.contains(&0) || args.dp_size.contains(&0) || args.world_size == Some(0) {
+        bail!("--pp-size, --dp-size and --world-size take sizes of at least 1");
+    }
+    if let Some(&pp) = args.pp_size.iter().find(|&&pp| pp > cfg.num_layers) {
+        bail!(
+            "--pp-size {pp} is more than the model's {} layers",
+            cfg.num_layers
+        );
+    }
+    let nodes = match args.devices_per_node {
+        Some(0) => bail!("--devices-per-node must be at least 1"),
+        Some(n) => Some(Nodes {
+            devices_per_node: n,
+            link: Link::parse(&args.inter_node_link)?,
+        }),
+        None => None,
+    };
+    let mut candidates = Vec::new();
+    for &tp in &args.devices {
+        for &pp in &args.pp_size {
+            for &dp in &args.dp_size {
+                candidates.push(Layout { tp, pp, dp });
+            }
+        }
+    }
+    candidates.retain(|l| args.world_size.is_none_or(|w| l.tp * l.pp * l.dp == w));
+    if candidates.is_empty() {
+        bail!("no layout of --devices × --pp-size × --dp-size makes --world-size devices");
+    }
+    let rows = layouts::compare(request, &candidates, nodes.as_ref())?;
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        print_layouts(args, &rows);
+    }
+    Ok(())
+}
+
+fn print_layouts(args: &PlanArgs, rows: &[LayoutRow]) {
+    println!(
+        "| tp | pp | dp | devices | weights/rank | fits | layers/stage | all-reduce B/token | p2p B/token | crosses nodes | ms/token alone | tok/s at batch {} per replica | tok/s/device |",
+        args.batch_size
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let (lo, hi) = r.stage_layers;
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} |",
+            r.layout.tp,
+            r.layout.pp,
+            r.layout.dp,
+            r.devices,
+            gib(r.weight_bytes_per_rank),
+            if r.fits { "yes" } else { "no" },
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}–{hi}")
+            },
+            r.all_reduce_bytes_per_token,
+            r.p2p_bytes_per_token,
+            if r.crosses_nodes { "yes" } else { "no" },
+            r.ms_per_token_alone,
+            r.tokens_per_s,
+            r.tokens_per_s_per_device
+        );
+    }
+    let fitting: Vec<&LayoutRow> = rows.iter().filter(|r| r.fits).collect();
+    let name = |r: &LayoutRow| {
+        format!(
+            "tp {} × pp {} × dp {}",
+            r.layout.tp, r.layout.pp, r.layout.dp
+        )
+    };
+    let best = |key: fn(&LayoutRow) -> f64| {
+        fitting
+            .iter()
+            .max_by(|a, b| key(a).total_cmp(&key(b)))
+            .map_or("none fits".to_owned(), |r| name(r))
+    };
+    println!(
+        "fastest single request: {}; most tokens/s: {}",
+        best(|r| -r.ms_per_token_alone),
+        best(|r| r.tokens_per_s)
+    );
 }
 
 fn gib(bytes: usize) -> String {

@@ -7,12 +7,12 @@ pub mod kv_blocks;
 pub mod kv_capacity;
 pub mod perplexity;
 pub mod pipeline;
-pub mod plan;
 pub mod prefix_cache;
 pub mod replicas;
 pub mod runtime;
 pub mod sampling;
 pub mod scheduler;
+pub mod step_plan;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};

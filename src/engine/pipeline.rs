@@ -8,7 +8,7 @@
 //! runs the second while stage 1 runs the first, and so on, so the stages work at once. A
 //! sequence's bits do not depend on its batch, so the cut changes no result.
 
-use super::plan::Gather;
+use super::step_plan::Gather;
 use crate::comm::{Comm, Peers};
 use crate::model::SeqStep;
 use crate::shard::Stage;

@@ -5,8 +5,8 @@
 use super::grammar;
 use super::kv_capacity::KvCapacity;
 use super::pipeline::{self, Pipeline, PipelineOptions};
-use super::plan::{self, Gather, PlanKind, ReceivedPlan, RowMask};
 use super::sampling::{by_logit, logit_key};
+use super::step_plan::{self, Gather, PlanKind, ReceivedPlan, RowMask};
 use crate::comm::{peers, AbortHandle, Comm, LocalGroup, LocalPeers};
 use crate::kernels::affinity;
 use crate::kernels::{Phase, Threads};
@@ -163,7 +163,7 @@ impl Driver<'_> {
 
     /// [`Self::forward`], with the tokens `masks` leave out of their rows at −∞.
     pub fn forward_masked(&mut self, seqs: &[SeqStep], masks: &[RowMask]) -> Result<&[f32]> {
-        plan::encode_forward(seqs, Gather::AllLogits, &[], &mut self.plan);
+        step_plan::encode_forward(seqs, Gather::AllLogits, &[], &mut self.plan);
         self.rank.control().broadcast(&mut self.plan, 0)?;
         let vocab = self.rank.model.config().vocab_size;
         execute_forward(self.rank, seqs, Gather::AllLogits, &[], &mut self.buffers)?;
@@ -201,7 +201,7 @@ impl Driver<'_> {
         masks: &[RowMask],
     ) -> Result<&[(u32, f32)]> {
         let k = k.clamp(1, self.config().vocab_size);
-        plan::encode_forward(seqs, Gather::TopK(k), masks, &mut self.plan);
+        step_plan::encode_forward(seqs, Gather::TopK(k), masks, &mut self.plan);
         self.rank.control().broadcast(&mut self.plan, 0)?;
         execute_forward(self.rank, seqs, Gather::TopK(k), masks, &mut self.buffers)?;
         let (tp, vocab) = (self.tp(), self.config().vocab_size);
@@ -255,14 +255,14 @@ impl Driver<'_> {
     }
 
     fn stop(&mut self) -> Result<()> {
-        plan::encode_stop(&mut self.plan);
+        step_plan::encode_stop(&mut self.plan);
         self.rank.control().broadcast(&mut self.plan, 0)
     }
 
     /// What each rank holds (every rank of every stage, in world order): weight bytes,
     /// and KV cache bytes per token.
     pub fn memory_per_rank(&mut self) -> Result<Vec<RankMemory>> {
-        plan::encode_report_memory(&mut self.plan);
+        step_plan::encode_report_memory(&mut self.plan);
         self.rank.control().broadcast(&mut self.plan, 0)?;
         gather_memory(self.rank)
     }

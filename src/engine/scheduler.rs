@@ -10,9 +10,9 @@
 
 use super::grammar::Constraint;
 use super::kv_blocks::{Admission, BlockTable, KvBlocks};
-use super::plan::RowMask;
 use super::runtime::Driver;
 use super::sampling::{logprobs, Sampler, SamplingParams};
+use super::step_plan::RowMask;
 use crate::kernels::Phase;
 use crate::model::{Logits, SeqStep};
 use anyhow::Result;

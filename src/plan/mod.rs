@@ -2,32 +2,47 @@
 //! model computed from the model's own config, with the engine's own split (uneven heads,
 //! kv replication, block alignment) — [`ShardPlan`], not a re-derivation.
 
+pub mod layouts;
+
 use crate::kernels::{QuantType, Storage};
 use crate::loader::{ModelConfig, TensorSource};
 use crate::model::ShardPlan;
+use crate::shard::Stage;
 use anyhow::{anyhow, bail, Result};
 use std::ops::Range;
 
 /// Named model configurations (public Hugging Face configs), kept in `presets/`.
 pub const PRESETS: &[(&str, &str)] = &[
-    ("llama-3.2-1b", include_str!("../presets/llama-3.2-1b.json")),
-    ("llama-3.1-8b", include_str!("../presets/llama-3.1-8b.json")),
-    ("llama-2-13b", include_str!("../presets/llama-2-13b.json")),
+    (
+        "llama-3.2-1b",
+        include_str!("../../presets/llama-3.2-1b.json"),
+    ),
+    (
+        "llama-3.1-8b",
+        include_str!("../../presets/llama-3.1-8b.json"),
+    ),
+    (
+        "llama-2-13b",
+        include_str!("../../presets/llama-2-13b.json"),
+    ),
     (
         "codellama-34b",
-        include_str!("../presets/codellama-34b.json"),
+        include_str!("../../presets/codellama-34b.json"),
     ),
     (
         "llama-3.1-70b",
-        include_str!("../presets/llama-3.1-70b.json"),
+        include_str!("../../presets/llama-3.1-70b.json"),
     ),
     (
         "llama-3.1-405b",
-        include_str!("../presets/llama-3.1-405b.json"),
+        include_str!("../../presets/llama-3.1-405b.json"),
     ),
-    ("qwen2.5-7b", include_str!("../presets/qwen2.5-7b.json")),
-    ("qwen2.5-72b", include_str!("../presets/qwen2.5-72b.json")),
-    ("mistral-7b", include_str!("../presets/mistral-7b.json")),
+    ("qwen2.5-7b", include_str!("../../presets/qwen2.5-7b.json")),
+    (
+        "qwen2.5-72b",
+        include_str!("../../presets/qwen2.5-72b.json"),
+    ),
+    ("mistral-7b", include_str!("../../presets/mistral-7b.json")),
 ];
 
 pub fn preset(name: &str) -> Result<ModelConfig> {
@@ -129,16 +144,34 @@ pub fn weight_bytes(
     tp: usize,
     rank: usize,
 ) -> Result<usize> {
+    stage_weight_bytes(cfg, src, tp, rank, &Stage::whole(cfg.num_layers))
+}
+
+/// The same for rank `rank` of a pipeline stage: its layers, the embedding on the first
+/// stage, the final norm and LM head on the last (a tied table on both when they differ).
+pub fn stage_weight_bytes(
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    tp: usize,
+    rank: usize,
+    stage: &Stage,
+) -> Result<usize> {
     let plan = ShardPlan::new(cfg, src, tp, rank, 1)?;
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let (q_rows, kv_rows) = (plan.heads.num_q() * d, plan.heads.num_kv() * d);
     let vocab = plan.vocab.len();
     let f32s = |n: usize| n * 4;
-    let mut total = src.slice_bytes("model.embed_tokens.weight", vocab, h)? + f32s(h);
-    if !cfg.tie_word_embeddings {
-        total += src.slice_bytes("lm_head.weight", vocab, h)?;
+    let table = src.slice_bytes("model.embed_tokens.weight", vocab, h)?;
+    let mut total = if stage.is_first() { table } else { 0 };
+    if stage.is_last() {
+        total += f32s(h);
+        total += match (cfg.tie_word_embeddings, stage.is_first()) {
+            (true, true) => 0,
+            (true, false) => table,
+            (false, _) => src.slice_bytes("lm_head.weight", vocab, h)?,
+        };
     }
-    for l in 0..cfg.num_layers {
+    for l in stage.layers.clone() {
         let p = format!("model.layers.{l}");
         let a = format!("{p}.self_attn");
         // Norms: before attention and MLP, and Gemma's after each.
