@@ -337,3 +337,164 @@ fn a_rank_with_a_bad_model_path_stops_the_job() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/node2/model"), "{err}");
 }
+
+/// Two network namespaces joined by a veth pair, each with its own hostname: two "nodes"
+/// on one machine, for mpirun over TCP. Removed when dropped.
+struct TwoNodes {
+    namespaces: [String; 2],
+    dir: common::tempdir::Dir,
+}
+
+impl TwoNodes {
+    const ADDRESSES: [&'static str; 2] = ["10.77.0.1", "10.77.0.2"];
+
+    /// `None` (and why) where namespaces cannot be made: not root, or no `ip netns`.
+    fn new() -> Result<Self, String> {
+        let id = std::process::id();
+        let nodes = TwoNodes {
+            namespaces: [format!("tpserve-a-{id}"), format!("tpserve-b-{id}")],
+            dir: common::tempdir::Dir::new("two-nodes"),
+        };
+        let [a, b] = &nodes.namespaces;
+        let (va, vb) = (format!("tpa{id}"), format!("tpb{id}"));
+        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", a],
+            vec!["netns", "add", b],
+            vec!["link", "add", va, "type", "veth", "peer", "name", vb],
+            vec!["link", "set", va, "netns", a],
+            vec!["link", "set", vb, "netns", b],
+            vec!["-n", a, "addr", "add", "10.77.0.1/24", "dev", va],
+            vec!["-n", b, "addr", "add", "10.77.0.2/24", "dev", vb],
+            vec!["-n", a, "link", "set", va, "up"],
+            vec!["-n", b, "link", "set", vb, "up"],
+            vec!["-n", a, "link", "set", "lo", "up"],
+            vec!["-n", b, "link", "set", "lo", "up"],
+        ];
+        for args in steps {
+            let out = Command::new("ip").args(&args).output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    return Err(format!(
+                        "ip {}: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stderr)
+                    ))
+                }
+                Err(e) => return Err(format!("ip: {e}")),
+            }
+        }
+        // mpirun's rsh agent: "agent [options] HOST COMMAND" runs COMMAND in HOST's namespace
+        // under its own hostname, as ssh would on another machine.
+        let agent = format!(
+            "#!/bin/sh\nwhile [ $# -gt 0 ]; do case \"$1\" in -*) shift;; *) break;; esac; done\n\
+             host=$1; shift\n\
+             case \"$host\" in {}) ns={a} name=node-a;; {}) ns={b} name=node-b;; \
+             *) echo \"agent: unknown host $host\" >&2; exit 1;; esac\n\
+             exec ip netns exec $ns unshare --uts /bin/sh -c \"hostname $name; $*\"\n",
+            Self::ADDRESSES[0],
+            Self::ADDRESSES[1]
+        );
+        let path = nodes.agent();
+        std::fs::write(&path, agent).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Ok(nodes)
+    }
+
+    fn agent(&self) -> std::path::PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    /// `mpirun` started on node a (in its namespace, as node-a), TCP only over the veth
+    /// subnet, launching on node b through the agent; `apps`: per node, its process count
+    /// and arguments (MPMD, so that each node gets its own --cpus).
+    fn mpirun(&self, apps: [(usize, &[&str]); 2]) -> Output {
+        let mut line = format!(
+            "hostname node-a; exec mpirun --allow-run-as-root --oversubscribe --bind-to none \
+             --mca plm_rsh_agent {} --mca btl self,tcp \
+             --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24",
+            self.agent().display()
+        );
+        for (i, (np, args)) in apps.iter().enumerate() {
+            if i > 0 {
+                line.push_str(" :");
+            }
+            line.push_str(&format!(
+                " -np {np} --host {}:{np} {}",
+                Self::ADDRESSES[i],
+                env!("CARGO_BIN_EXE_tpserve")
+            ));
+            for a in *args {
+                line.push_str(&format!(" '{a}'"));
+            }
+        }
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.namespaces[0],
+                "unshare",
+                "--uts",
+                "/bin/sh",
+                "-c",
+                &line,
+            ])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env_remove("OMPI_MCA_btl_tcp_if_include")
+            .env_remove("OMPI_MCA_oob_tcp_if_include")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Multi-node for real on one machine: tp 2, pp 2 and tp 2 × pp 2 across two network
+/// namespaces (TCP between them, tpserve pinning each node's ranks with its own --cpus)
+/// give in-process tp 1's ids and prompt logits, bit for bit.
+#[test]
+fn two_nodes_over_tcp_equal_in_process_tp_1() {
+    let _job = one_job_at_a_time();
+    let nodes = match TwoNodes::new() {
+        Ok(n) => n,
+        Err(why) => {
+            eprintln!("skipped: two network namespaces need root and `ip netns` ({why})");
+            return;
+        }
+    };
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let mut args = vec!["generate", "--model", model, "--temperature", "0", "--json"];
+    args.extend([
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "16",
+    ]);
+    let local = common::tpserve_json(&args);
+    args.extend(["--comm", "mpi"]);
+    for (per_node, layout) in [
+        (1, &["--tp", "2"][..]),
+        (1, &["--pp-size", "2"]),
+        (2, &["--tp", "2", "--pp-size", "2"]),
+    ] {
+        let on = |cpus: &'static str| [&args[..], layout, &["--cpus", cpus]].concat();
+        let (a, b) = (on("0"), on("1"));
+        let out = nodes.mpirun([(per_node, &a[..]), (per_node, &b[..])]);
+        let got = json_of(&out);
+        assert_eq!(got["output_ids"], local["output_ids"], "{layout:?}");
+        assert_eq!(
+            got["prompt_logits_top"], local["prompt_logits_top"],
+            "{layout:?}: logits bit for bit"
+        );
+    }
+}

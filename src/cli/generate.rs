@@ -4,6 +4,7 @@ use crate::engine::{
     self, ChatMessage, ChatTemplate, GenerateRequest, GroupOptions, Launch, SamplingParams,
     Tokenizer,
 };
+use crate::kernels::affinity::parse_cpu_list;
 use crate::loader::{self, ChatTemplateSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -54,6 +55,10 @@ pub struct GenerateArgs {
     /// Kernel threads per rank (default: cores / tp, at least 1).
     #[arg(long)]
     pub threads_per_rank: Option<usize>,
+    /// Cores the ranks may use, e.g. 0-3 or 0,2,4 (under mpirun: the node's cores, each
+    /// process taking its share by its rank on the node).
+    #[arg(long)]
+    pub cpus: Option<String>,
     /// Print one JSON object: input_ids, output_ids, text, prompt_logits_top.
     #[arg(long)]
     pub json: bool,
@@ -117,6 +122,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let capacity = request.input_ids.len() + request.max_new_tokens;
     engine::generate::validate_request(&request, cfg.vocab_size, capacity.max(1))?;
     let mut opts = GroupOptions::single_sequence(tp, args.threads_per_rank, capacity);
+    opts.cpus = args.cpus.as_deref().map(parse_cpu_list).transpose()?;
     opts.forward = args.forward.options();
     opts.pipeline = pipeline;
     let generation = engine::run_group(launch, files.tensors.as_ref(), cfg, &opts, |driver| {

@@ -1,6 +1,7 @@
 //! `tpserve perplexity`: llama.cpp's perplexity measurement on a text file.
 
 use crate::engine::{self, GroupOptions, Launch, Tokenizer};
+use crate::kernels::affinity::parse_cpu_list;
 use crate::loader;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -27,6 +28,10 @@ pub struct PerplexityArgs {
     pub comm: Option<String>,
     #[arg(long)]
     pub threads_per_rank: Option<usize>,
+    /// Cores the ranks may use, e.g. 0-3 or 0,2,4 (under mpirun: the node's cores, each
+    /// process taking its share by its rank on the node).
+    #[arg(long)]
+    pub cpus: Option<String>,
     /// Print {"ppl", "tokens", "windows"} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -59,6 +64,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
     let pipeline = args.pipeline.options();
     let launch = Launch::resolve(args.comm.as_deref(), args.tp, pipeline.stages)?;
     let mut opts = GroupOptions::single_sequence(launch.tp(), args.threads_per_rank, args.ctx);
+    opts.cpus = args.cpus.as_deref().map(parse_cpu_list).transpose()?;
     opts.pipeline = pipeline;
     let bos = tokenizer.bos_id();
     let quiet = args.json || !launch.is_leader();

@@ -98,6 +98,13 @@ impl MpiComm {
         })
     }
 
+    /// This process's rank among the processes of its node, and their number.
+    /// Collective: every rank calls it.
+    pub fn node_local(&self) -> (usize, usize) {
+        let node = self.world.split_shared(self.rank as i32);
+        (node.rank() as usize, node.size() as usize)
+    }
+
     fn over(world: SimpleCommunicator) -> Self {
         MpiComm {
             rank: world.rank() as usize,

@@ -693,22 +693,36 @@ pub fn run_group<T: Send>(
                 );
             }
             let id = world.rank();
-            let setup = mpi_rank_setup(world, cfg, opts)?;
+            let (setup, threads) = mpi_rank_setup(world, cfg, opts)?;
             let drive = (id == 0).then_some(drive);
-            run_rank(src, cfg, opts, opts.threads_per_rank(), setup, drive)
+            run_rank(src, cfg, opts, threads, setup, drive)
         }
     }
 }
 
 /// An MPI process's handles: its stage's TP group split from the world, and with several
-/// stages the world itself for plans and point-to-point messages.
+/// stages the world itself for plans and point-to-point messages; and its kernel threads.
+/// `--cpus` lists a node's cores: each process takes its share by its rank among the
+/// processes of its node (without it, the launcher's binding applies).
 #[cfg(feature = "mpi")]
 fn mpi_rank_setup(
     world: crate::comm::mpi::MpiComm,
     cfg: &ModelConfig,
     opts: &GroupOptions,
-) -> Result<RankSetup> {
+) -> Result<(RankSetup, usize)> {
     let id = world.rank();
+    let (local_rank, local_size) = world.node_local();
+    let threads = opts.threads_per_rank.unwrap_or_else(|| {
+        let cores = match &opts.cpus {
+            Some(c) => c.len(),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        (cores / local_size).max(1)
+    });
+    let cores = match &opts.cpus {
+        Some(c) => affinity::assign_cores(local_size, threads, Some(c)).swap_remove(local_rank),
+        None => Vec::new(),
+    };
     let place = place_of(cfg, opts, id);
     let abort = world.abort_handle();
     let (comm, pipeline): (Box<dyn Comm>, _) = if opts.pipeline.stages > 1 {
@@ -725,13 +739,14 @@ fn mpi_rank_setup(
     } else {
         (Box::new(world), None)
     };
-    Ok(RankSetup {
+    let setup = RankSetup {
         place,
-        cores: opts.cpus.clone().unwrap_or_default(),
+        cores,
         comm,
         pipeline,
         abort,
-    })
+    };
+    Ok((setup, threads))
 }
 
 /// What a rank starts with besides the model: its place, cores, groups, and how to take
