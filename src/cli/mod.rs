@@ -50,8 +50,8 @@ pub struct PipelineArgs {
     /// of --tp ranks (tp × pp ranks in all; under mpirun, tp × pp processes).
     #[arg(long, visible_aliases = ["pipeline-parallel-size"], default_value_t = 1)]
     pub pp_size: usize,
-    /// Sequences per micro-batch at most; by default a step's sequences are cut into one
-    /// micro-batch per stage, so that the stages work at once.
+    /// Sequences per micro-batch at most (default: a step's sequences cut into one
+    /// micro-batch per stage, so that the stages work at once).
     #[arg(long)]
     pub pp_max_micro_batch_size: Option<usize>,
 }

@@ -19,8 +19,9 @@ use anyhow::{bail, Result};
 pub struct PipelineOptions {
     /// Stages (`--pp-size`).
     pub stages: usize,
-    /// Sequences per micro-batch at most (`--pp-max-micro-batch-size`); `None`: a step's
-    /// sequences cut into as many micro-batches as there are stages.
+    /// Sequences per micro-batch (`--pp-max-micro-batch-size`; a step of fewer sequences is
+    /// one micro-batch); `None`: a step's sequences cut into as many micro-batches as there
+    /// are stages.
     pub max_micro_batch: Option<usize>,
 }
 
@@ -46,9 +47,7 @@ impl PipelineOptions {
     /// Sequences per micro-batch for a step of `seqs` sequences.
     pub fn micro_batch(&self, seqs: usize) -> usize {
         let even = seqs.div_ceil(self.stages.max(1));
-        self.max_micro_batch
-            .map_or(even, |cap| cap.min(even))
-            .max(1)
+        self.max_micro_batch.unwrap_or(even).clamp(1, seqs.max(1))
     }
 }
 
@@ -139,7 +138,7 @@ mod tests {
         assert_eq!(opts(2, None).micro_batch(16), 8);
         assert_eq!(opts(3, None).micro_batch(16), 6);
         assert_eq!(opts(4, Some(2)).micro_batch(16), 2);
-        assert_eq!(opts(2, Some(100)).micro_batch(5), 3);
+        assert_eq!(opts(2, Some(100)).micro_batch(5), 5);
         assert_eq!(opts(4, None).micro_batch(1), 1);
         assert!(opts(3, None).validate(2).is_err());
         assert!(opts(2, Some(0)).validate(2).is_err());
