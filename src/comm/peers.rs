@@ -7,8 +7,9 @@
 //! ranks waiting on each other.
 
 use anyhow::{anyhow, bail, Result};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One rank's point-to-point handle on its world.
 pub trait Peers: Send {
@@ -54,16 +55,30 @@ struct Incoming {
 /// and its peers' receives fail.
 pub struct LocalPeers {
     rank: usize,
+    /// How long a receive spins before it sleeps (see [`LocalPeers::create`]).
+    spin: Duration,
     outgoing: Vec<Option<Outgoing>>,
     incoming: Vec<Option<Incoming>>,
 }
 
 impl LocalPeers {
     /// The members of a world of `size` ranks, linked every way; hand one to each rank.
+    ///
+    /// A stage waits for the previous one for a whole stage's work (milliseconds), and a
+    /// sleeping thread can take a millisecond to wake on a virtual machine, so a receive
+    /// spins up to [`RECEIVE_SPIN`] on its own core; when ranks outnumber cores it sleeps
+    /// almost at once, since the sender may need that core.
     pub fn create(size: usize) -> Vec<LocalPeers> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let spin = if size <= cores {
+            RECEIVE_SPIN
+        } else {
+            Duration::from_micros(2)
+        };
         let mut members: Vec<LocalPeers> = (0..size)
             .map(|rank| LocalPeers {
                 rank,
+                spin,
                 outgoing: (0..size).map(|_| None).collect(),
                 incoming: (0..size).map(|_| None).collect(),
             })
@@ -90,6 +105,9 @@ impl LocalPeers {
         members
     }
 }
+
+/// How long a receive spins before it sleeps, when every rank has a core.
+const RECEIVE_SPIN: Duration = Duration::from_millis(50);
 
 /// A slot's buffer, whether or not a thread panicked holding it (the data is plain floats).
 fn lock(slot: &Mutex<Vec<f32>>) -> std::sync::MutexGuard<'_, Vec<f32>> {
@@ -129,10 +147,16 @@ impl Peers for LocalPeers {
         let Some(link) = self.incoming.get(from).and_then(Option::as_ref) else {
             bail!("rank {rank} has no link from rank {from}");
         };
-        let at = link
-            .ready
-            .recv()
-            .map_err(|_| anyhow!("{PEER_STOPPED}: rank {from} stopped before sending"))?;
+        let stopped = || anyhow!("{PEER_STOPPED}: rank {from} stopped before sending");
+        let start = Instant::now();
+        let at = loop {
+            match link.ready.try_recv() {
+                Ok(at) => break at,
+                Err(TryRecvError::Disconnected) => return Err(stopped()),
+                Err(TryRecvError::Empty) if start.elapsed() < self.spin => std::hint::spin_loop(),
+                Err(TryRecvError::Empty) => break link.ready.recv().map_err(|_| stopped())?,
+            }
+        };
         {
             let slot = lock(&link.slots[at]);
             out.clear();
