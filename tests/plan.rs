@@ -5,31 +5,37 @@ mod common;
 use tpserve::engine::{self, GroupOptions};
 use tpserve::loader;
 use tpserve::plan;
+use tpserve::shard::Stage;
 
-/// The plan's bytes per rank are exactly what the loaded ranks hold.
-fn check_against_engine(path: &std::path::Path, tps: &[usize]) {
+/// The plan's bytes per rank are exactly what the loaded ranks hold, at every (tp, pp).
+fn check_against_engine(path: &std::path::Path, layouts: &[(usize, usize)]) {
     let files = loader::open_model(path).unwrap();
-    for &tp in tps {
-        let opts = GroupOptions::single_sequence(tp, Some(1), 16);
+    let layers = files.config.num_layers;
+    for &(tp, pp) in layouts {
+        let mut opts = GroupOptions::single_sequence(tp, Some(1), 16);
+        opts.pipeline.stages = pp;
         let held = engine::run_local(files.tensors.as_ref(), &files.config, &opts, |d| {
             d.memory_per_rank()
         })
         .unwrap();
-        for (rank, m) in held.iter().enumerate() {
+        for (id, m) in held.iter().enumerate() {
             let src = files.tensors.as_ref();
-            let planned = plan::weight_bytes(&files.config, src, tp, rank).unwrap();
+            let (rank, stage) = (id % tp, Stage::new(layers, pp, id / tp).unwrap());
+            let planned = plan::stage_weight_bytes(&files.config, src, tp, rank, &stage).unwrap();
             assert_eq!(
                 planned,
                 m.weight_bytes,
-                "{} tp {tp} rank {rank}: weights",
+                "{} tp {tp} pp {pp} rank {id}: weights",
                 path.display()
             );
             let value_bytes = tpserve::model::KvDtype::default().bytes();
-            let kv = plan::kv_bytes_per_token(&files.config, src, tp, rank, value_bytes).unwrap();
+            let kv = plan::kv_bytes_per_token(&files.config, src, tp, rank, value_bytes).unwrap()
+                / layers
+                * stage.layers.len();
             assert_eq!(
                 kv,
                 m.kv_bytes_per_token,
-                "{} tp {tp} rank {rank}: KV per token",
+                "{} tp {tp} pp {pp} rank {id}: KV per token",
                 path.display()
             );
         }
@@ -38,7 +44,10 @@ fn check_against_engine(path: &std::path::Path, tps: &[usize]) {
 
 #[test]
 fn planned_bytes_equal_the_engine_on_smollm2() {
-    check_against_engine(&common::smollm2(), &[1, 2, 3]);
+    check_against_engine(
+        &common::smollm2(),
+        &[(1, 1), (2, 1), (3, 1), (1, 4), (2, 3)],
+    );
 }
 
 #[test]
@@ -56,7 +65,8 @@ fn planned_bytes_equal_the_engine_on_every_fixture_shape() {
         "tiny-qwen3-moe",
         "tiny-gemma2",
     ] {
-        check_against_engine(&common::fixture(model), &[1, 2, 3, 4]);
+        let layouts = [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (2, 2), (1, 3)];
+        check_against_engine(&common::fixture(model), &layouts);
     }
 }
 
