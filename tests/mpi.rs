@@ -142,41 +142,55 @@ fn fixture_models_under_mpirun_match_their_references() {
         ("tiny-phi3", 2),
         ("tiny-qwen2-moe", 3),
     ] {
-        let reference = common::reference(model);
-        let tol = if reference.saved_dtype == "float32" {
-            1e-4
-        } else {
-            1e-3
-        };
-        let path = common::fixture(model);
-        for case in &reference.cases {
-            let ids: Vec<String> = case.input_ids.iter().map(u32::to_string).collect();
-            let ids = ids.join(",");
-            // The references are computed in f32: so is the cache held to them.
-            let input = [
-                "--input-ids",
-                &ids,
-                "--max-new-tokens",
-                "16",
-                "--ignore-eos",
-                "--kv-cache-dtype",
-                "f32",
-            ];
-            let v = generate_mpi(np, path.to_str().unwrap(), &input);
-            let out: Vec<u32> = serde_json::from_value(v["output_ids"].clone()).unwrap();
-            assert_eq!(out, case.greedy_ids, "{model} {}: greedy ids", case.name);
-            for top in v["prompt_logits_top"].as_array().unwrap() {
-                let (id, logit) = (
-                    top["id"].as_u64().unwrap() as usize,
-                    top["logit"].as_f64().unwrap(),
-                );
-                let want = case.last_logits[id] as f64;
-                assert!(
-                    (logit - want).abs() <= tol,
-                    "{model} {}: logit {id}: {logit} vs {want}",
-                    case.name
-                );
-            }
+        check_against_reference(model, np, &[]);
+    }
+    // Pipeline stages as processes: two and three stages, and two stages of tp 2.
+    for (model, np, layout) in [
+        ("tiny-llama", 2, &["--pp-size", "2"][..]),
+        ("tiny-gemma2", 3, &["--pp-size", "3"]),
+        ("tiny-qwen2-moe", 4, &["--tp", "2", "--pp-size", "2"]),
+    ] {
+        check_against_reference(model, np, layout);
+    }
+}
+
+/// `mpirun -np np` (with `layout`) against the transformers reference of `model`: greedy
+/// ids, and the top prompt logits within the reference's precision.
+fn check_against_reference(model: &str, np: usize, layout: &[&str]) {
+    let reference = common::reference(model);
+    let tol = if reference.saved_dtype == "float32" {
+        1e-4
+    } else {
+        1e-3
+    };
+    let path = common::fixture(model);
+    for case in &reference.cases {
+        let ids: Vec<String> = case.input_ids.iter().map(u32::to_string).collect();
+        let ids = ids.join(",");
+        // The references are computed in f32: so is the cache held to them.
+        let input = [
+            "--input-ids",
+            &ids,
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+            "--kv-cache-dtype",
+            "f32",
+        ];
+        let v = generate_mpi(np, path.to_str().unwrap(), &[&input[..], layout].concat());
+        let out: Vec<u32> = serde_json::from_value(v["output_ids"].clone()).unwrap();
+        assert_eq!(out, case.greedy_ids, "{model} {}: greedy ids", case.name);
+        for top in v["prompt_logits_top"].as_array().unwrap() {
+            let (id, logit) = (
+                top["id"].as_u64().unwrap() as usize,
+                top["logit"].as_f64().unwrap(),
+            );
+            let want = case.last_logits[id] as f64;
+            assert!(
+                (logit - want).abs() <= tol,
+                "{model} {}: logit {id}: {logit} vs {want}",
+                case.name
+            );
         }
     }
 }
