@@ -63,17 +63,20 @@ fn generate_mpi(np: usize, model: &str, input: &[&str]) -> Value {
     json_of(&out)
 }
 
+/// The SmolLM2 prompt of the comparisons with in-process runs.
+const CAPITAL_OF_FRANCE: [&str; 4] = [
+    "--prompt",
+    "The capital of France is",
+    "--max-new-tokens",
+    "16",
+];
+
 #[test]
 fn smollm2_under_mpirun_equals_in_process_tp() {
     let _job = one_job_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
-    let input = [
-        "--prompt",
-        "The capital of France is",
-        "--max-new-tokens",
-        "16",
-    ];
+    let input = CAPITAL_OF_FRANCE;
     for np in [2, 3] {
         let mpi = generate_mpi(np, model, &input);
         let tp = np.to_string();
@@ -104,12 +107,7 @@ fn pipeline_stages_under_mpirun_equal_in_process_tp_1() {
     let _job = one_job_at_a_time();
     let model = common::smollm2();
     let model = model.to_str().unwrap();
-    let input = [
-        "--prompt",
-        "The capital of France is",
-        "--max-new-tokens",
-        "16",
-    ];
+    let input = CAPITAL_OF_FRANCE;
     let mut args = vec!["generate", "--model", model, "--temperature", "0", "--json"];
     args.extend(input);
     let local = common::tpserve_json(&args);
@@ -489,12 +487,7 @@ fn two_nodes_over_tcp_equal_in_process_tp_1() {
     let model = common::smollm2();
     let model = model.to_str().unwrap();
     let mut args = vec!["generate", "--model", model, "--temperature", "0", "--json"];
-    args.extend([
-        "--prompt",
-        "The capital of France is",
-        "--max-new-tokens",
-        "16",
-    ]);
+    args.extend(CAPITAL_OF_FRANCE);
     let local = common::tpserve_json(&args);
     args.extend(["--comm", "mpi"]);
     for (per_node, layout) in [

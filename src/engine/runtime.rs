@@ -58,12 +58,18 @@ impl GroupOptions {
     }
 
     pub fn threads_per_rank(&self) -> usize {
+        self.threads_per_rank_among(self.world_size())
+    }
+
+    /// Kernel threads for each of `ranks` ranks sharing the cores (`--cpus`, or all):
+    /// `--threads-per-rank` if given, else an even share, at least 1.
+    pub fn threads_per_rank_among(&self, ranks: usize) -> usize {
         self.threads_per_rank.unwrap_or_else(|| {
             let cores = match &self.cpus {
                 Some(c) => c.len(),
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             };
-            (cores / self.world_size().max(1)).max(1)
+            (cores / ranks.max(1)).max(1)
         })
     }
 
@@ -712,13 +718,7 @@ fn mpi_rank_setup(
 ) -> Result<(RankSetup, usize)> {
     let id = world.rank();
     let (local_rank, local_size) = world.node_local();
-    let threads = opts.threads_per_rank.unwrap_or_else(|| {
-        let cores = match &opts.cpus {
-            Some(c) => c.len(),
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
-        (cores / local_size).max(1)
-    });
+    let threads = opts.threads_per_rank_among(local_size);
     let cores = match &opts.cpus {
         Some(c) => affinity::assign_cores(local_size, threads, Some(c)).swap_remove(local_rank),
         None => Vec::new(),
