@@ -47,18 +47,35 @@ pub(crate) mod x86 {
         _mm256_sub_epi64(bits, _mm256_castpd_si256(magic))
     }
 
-    /// Eight f32 to fixed point as eight i64: [`to_fixed4`] on 512-bit registers.
+    /// Sixteen f32 to fixed point, less cheaply exact bookkeeping: the two halves' i64
+    /// values plus [`MAGIC`]'s bits each. Sums of such values are corrected once with
+    /// [`unbias`] (wrapping i64 adds are associative), so a kernel that sums many segments
+    /// pays one clamp, two conversions and two fused multiply-adds per segment. The
+    /// scaling by 2³² is exact, so the fused form rounds exactly as [`to_fixed4`].
     #[target_feature(enable = "avx2,fma,avx512f")]
-    pub unsafe fn to_fixed8(v: __m256) -> __m512i {
-        let d = _mm512_cvtps_pd(v);
-        let d = _mm512_min_pd(
-            _mm512_max_pd(d, _mm512_set1_pd(-LIMIT)),
-            _mm512_set1_pd(LIMIT),
+    pub unsafe fn to_biased_fixed16(v: __m512) -> [__m512i; 2] {
+        let v = _mm512_min_ps(
+            _mm512_max_ps(v, _mm512_set1_ps(-LIMIT as f32)),
+            _mm512_set1_ps(LIMIT as f32),
         );
-        let scaled = _mm512_mul_pd(d, _mm512_set1_pd((1u64 << FRAC_BITS) as f64));
+        let scale = _mm512_set1_pd((1u64 << FRAC_BITS) as f64);
         let magic = _mm512_set1_pd(MAGIC);
-        let bits = _mm512_castpd_si512(_mm512_add_pd(scaled, magic));
-        _mm512_sub_epi64(bits, _mm512_castpd_si512(magic))
+        let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+            _mm512_castps_pd(v),
+            1,
+        )));
+        [
+            _mm512_castpd_si512(_mm512_fmadd_pd(lo, scale, magic)),
+            _mm512_castpd_si512(_mm512_fmadd_pd(hi, scale, magic)),
+        ]
+    }
+
+    /// A sum of `count` values of [`to_biased_fixed16`], corrected to fixed point.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn unbias(sum: __m512i, count: usize) -> __m512i {
+        let bias = (MAGIC.to_bits() as i64).wrapping_mul(count as i64);
+        _mm512_sub_epi64(sum, _mm512_set1_epi64(bias))
     }
 }
 
