@@ -11,6 +11,7 @@
 //! over the widened rows would. The scalar twins spell out both orders; every SIMD kernel
 //! gives their bits.
 
+use super::exp::exp;
 use half::{bf16, f16};
 
 /// `out[r] = dot(q, keys[r·stride..][..q.len()]) · scale` for `r < out.len()`.
@@ -28,15 +29,17 @@ pub trait KvElem: Copy + Send + Sync + 'static {
 
 /// Asks the CPU to bring `rows` into the cache ahead of use: KV blocks are a few KB each
 /// and scattered, too short for the hardware prefetchers to catch on to, so attention asks
-/// for the next block while it works on this one. Changes no result.
+/// for the next block while it works on this one. Into L2 (`T1`), not L1: a block is 64
+/// lines, more misses than L1 tracks at once, and asking for L1 measured 1.8× slower per
+/// block (`cargo bench --bench kernels`, docs/BENCHMARKS.md). Changes no result.
 pub fn prefetch<T>(rows: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
         let (p, bytes) = (rows.as_ptr() as *const i8, std::mem::size_of_val(rows));
         for at in (0..bytes).step_by(64) {
             // SAFETY: prefetching is a hint that never faults; the address is inside `rows`.
-            unsafe { _mm_prefetch(p.add(at), _MM_HINT_T0) };
+            unsafe { _mm_prefetch(p.add(at), _MM_HINT_T1) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -77,7 +80,7 @@ pub fn online_softmax_step(
         return false;
     }
     if block_max > *max {
-        let rescale = scalar::exp(*max - block_max);
+        let rescale = exp(*max - block_max);
         *sum *= rescale;
         out.iter_mut().for_each(|o| *o *= rescale);
         *max = block_max;
@@ -130,36 +133,6 @@ kv_elem!(bf16, bf16::to_f32, scores_bf16, weighted_sum_bf16);
 pub mod scalar {
     use super::*;
 
-    /// Cephes' single-precision exp: `x = n·ln 2 + r`, a degree-6 polynomial in `r`, times
-    /// 2ⁿ built from its bits. Every step is one the SIMD kernel takes lane by lane.
-    pub fn exp(x: f32) -> f32 {
-        use exp_consts::*;
-        // `min(HI, x)` and `max(LO, ·)` as the SIMD instructions do them: the second
-        // operand when unordered, so NaN stays NaN.
-        let clamped = {
-            let hi = if HI < x { HI } else { x };
-            if LO > hi {
-                LO
-            } else {
-                hi
-            }
-        };
-        let n = (clamped * LOG2E).round_ties_even();
-        let r = n.mul_add(-LN2_HI, clamped);
-        let r = n.mul_add(-LN2_LO, r);
-        let mut y = P[0];
-        for p in &P[1..] {
-            y = y.mul_add(r, *p);
-        }
-        let y = y.mul_add(r * r, r) + 1.0;
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-        if x < LO {
-            0.0
-        } else {
-            y * scale
-        }
-    }
-
     pub fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
         let mut lanes = [0.0f32; 8];
         for (i, s) in scores.iter_mut().enumerate() {
@@ -204,29 +177,11 @@ pub mod scalar {
     }
 }
 
-/// Cephes' constants for exp (see [`scalar::exp`]).
-mod exp_consts {
-    /// Inputs are clamped to [LO, HI]: 2ⁿ stays a normal float; below LO exp is 0.
-    pub const HI: f32 = 88.0;
-    pub const LO: f32 = -87.0;
-    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
-    /// ln 2 in two parts, so that `x − n·ln 2` loses no bits.
-    pub const LN2_HI: f32 = 0.693_359_4;
-    pub const LN2_LO: f32 = -2.121_944_4e-4;
-    pub const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ];
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{check, KvElem};
     use crate::kernels::dot::x86::{hsum8, load_bf16, load_f16};
+    use crate::kernels::exp::x86::exp8;
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -273,33 +228,6 @@ mod x86 {
                 }
             }
         };
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        use super::exp_consts::*;
-        let clamped = _mm256_max_ps(_mm256_set1_ps(LO), _mm256_min_ps(_mm256_set1_ps(HI), x));
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(clamped, _mm256_set1_ps(LOG2E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), clamped);
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-        let mut y = _mm256_set1_ps(P[0]);
-        for p in &P[1..] {
-            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*p));
-        }
-        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
-        let y = _mm256_add_ps(y, _mm256_set1_ps(1.0));
-        let bits = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-        let below = _mm256_cmp_ps(x, _mm256_set1_ps(LO), _CMP_LT_OQ);
-        _mm256_andnot_ps(below, e)
     }
 
     /// # Safety

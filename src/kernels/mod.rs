@@ -6,6 +6,7 @@ pub mod affinity;
 pub mod attention;
 pub mod buffer;
 pub mod dot;
+pub mod exp;
 pub mod fixed;
 pub mod gemm;
 pub mod kdot;
