@@ -75,50 +75,88 @@ fn main() {
     scattered_kv_blocks(full);
 }
 
-/// Attention's reads of the KV cache: blocks of 16 f16 rows of 64 (2 KiB per head) in a
-/// random order over 64 MiB, scored for three query heads (a GQA group), as decode reads
-/// them; on plain pages or huge pages ([`LargeArray`]), and with or without asking for the
-/// next block ahead ([`prefetch`]). Nanoseconds per block.
+/// Attention's reads of the KV cache: blocks of 16 f16 rows of 64 (2 KiB per head, keys
+/// and values) in a random order over 2 × 64 MiB, scored and summed for three query heads
+/// (a GQA group), as decode reads them; on plain pages or huge pages ([`LargeArray`]),
+/// asking for the next block into L2 ([`prefetch`], what attention does), into L1, or not
+/// at all. Nanoseconds per block.
 fn scattered_kv_blocks(full: bool) {
     let (d, rows) = (64, 16);
     let block = rows * d;
     let blocks = if full { 32768 } else { 64 };
-    let plain: Vec<f16> = (0..blocks * block)
-        .map(|i| f16::from_f32((i % 7) as f32 * 0.1))
-        .collect();
-    let mut huge = LargeArray::<f16>::zeroed(plain.len()).expect("a mapping");
-    huge.copy_from_slice(&plain);
+    let fill = |k: usize| (0..blocks * block).map(move |i| f16::from_f32((i % k) as f32 * 0.1));
+    let plain: [Vec<f16>; 2] = [fill(7).collect(), fill(5).collect()];
+    let huge = plain.clone().map(|p| {
+        let mut h = LargeArray::<f16>::zeroed(p.len()).expect("a mapping");
+        h.copy_from_slice(&p);
+        h
+    });
     let q: Vec<f32> = (0..3 * d).map(|i| i as f32 * 0.01).collect();
-    let mut out = vec![0.0f32; 3 * rows];
-    let score = f16::scores_fn();
-    let visits = if full { 500_000 } else { 1000 };
+    let (mut scores, mut out) = (vec![0.0f32; 3 * rows], vec![0.0f32; 3 * d]);
+    let (score, weighted_sum) = (f16::scores_fn(), f16::weighted_sum_fn());
+    let visits = if full { 300_000 } else { 1000 };
     let order: Vec<usize> = (0..visits).map(|i| i * 7919 % blocks).collect();
     let mut line = "KV blocks in random order, ns per block of 3 heads:".to_string();
-    for (name, cache) in [("plain pages", &plain[..]), ("huge pages", &huge[..])] {
-        for ahead in [false, true] {
-            let at = |i: usize| &cache[order[i] * block..(order[i] + 1) * block];
+    let caches: [(&str, [&[f16]; 2]); 2] = [
+        ("plain pages", [&plain[0], &plain[1]]),
+        ("huge pages", [&huge[0], &huge[1]]),
+    ];
+    for (name, [keys, values]) in caches {
+        for ahead in ["none", "L1", "L2"] {
+            fn at<'a>(cache: &'a [f16], order: &[usize], i: usize, block: usize) -> &'a [f16] {
+                let b = order[i.min(order.len() - 1)];
+                &cache[b * block..(b + 1) * block]
+            }
             let start = Instant::now();
             for i in 0..visits {
-                if ahead && i + 1 < visits {
-                    prefetch(at(i + 1));
+                for cache in [keys, values] {
+                    match ahead {
+                        "L1" => prefetch_l1(at(cache, &order, i + 1, block)),
+                        "L2" => prefetch(at(cache, &order, i + 1, block)),
+                        _ => {}
+                    }
                 }
-                for (h, out) in out.chunks_exact_mut(rows).enumerate() {
-                    score(&q[h * d..(h + 1) * d], at(i), d, 0.125, out);
+                for h in 0..3 {
+                    let s = &mut scores[h * rows..(h + 1) * rows];
+                    score(
+                        &q[h * d..(h + 1) * d],
+                        at(keys, &order, i, block),
+                        d,
+                        0.125,
+                        s,
+                    );
+                    let v = at(values, &order, i, block);
+                    weighted_sum(s, v, d, &mut out[h * d..(h + 1) * d]);
                 }
             }
             let ns = start.elapsed().as_secs_f64() / visits as f64 * 1e9;
-            let how = if ahead { "prefetch" } else { "no prefetch" };
-            line += &format!(" {name}, {how}: {ns:.0};");
+            line += &format!(" {name}, prefetch {ahead}: {ns:.0};");
         }
     }
     println!("{line}");
 }
 
+/// [`prefetch`] into L1 instead of L2: the choice attention did not keep.
+fn prefetch_l1(rows: &[f16]) {
+    #[cfg(target_arch = "x86_64")]
+    for at in (0..std::mem::size_of_val(rows)).step_by(64) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch is a hint that never faults.
+        unsafe { _mm_prefetch((rows.as_ptr() as *const i8).wrapping_add(at), _MM_HINT_T0) };
+    }
+}
+
 /// Multi-token products (prompts, decode batches): integer multiply-adds per second for
-/// several token counts, on a matrix that stays in the cache (compute, not memory, bound).
+/// several token counts, on a matrix that stays in the cache (compute bound), and on one
+/// larger than the caches (streamed from memory once per product, as a decode step does).
 fn multi_token(full: bool, threads: &Threads) {
-    let (rows, cols) = (1024, 2048);
-    for ty in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
+    let big = if full { 131072 } else { 64 };
+    for (ty, rows, cols) in [
+        (QuantType::Q4_0, 1024, 2048),
+        (QuantType::Q4_1, 1024, 2048),
+        (QuantType::Q8_0, 1024, 2048),
+        (QuantType::Q4_1, big, 576),
+    ] {
         let m = Matrix::new(
             rows,
             cols,
