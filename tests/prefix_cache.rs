@@ -187,6 +187,15 @@ async fn flush_is_refused_while_requests_run_and_empties_the_cache_after() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("in flight"), "{text}");
     assert_eq!(running.await.unwrap().0, 200);
+    // The reply can reach the client a moment before the scheduler retires the request.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server_info(&b).await["running_requests"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never retired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let (status, text) = flush(&b).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(server_info(&b).await["kv_cache"]["used_blocks"], 0);
