@@ -149,7 +149,8 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// A matrix over `storage`; Q4_0, Q4_1 and Q8_0 blocks are regrouped for decode.
+    /// A matrix over `storage`; Q4_0, Q4_1, Q8_0 and Q4_K blocks (and those that re-encode
+    /// as Q8_0) are regrouped ([`PackedRows`]).
     pub fn new(rows: usize, cols: usize, storage: Storage) -> Self {
         assert_eq!(
             rows * cols,
@@ -157,7 +158,7 @@ impl Matrix {
             "matrix shape does not match its data"
         );
         let storage = match storage {
-            Storage::Quant(ty, blocks) if PackedRows::supports(ty) => {
+            Storage::Quant(ty, blocks) if PackedRows::packs(ty, rows) => {
                 Storage::Packed(PackedRows::pack(ty, rows, cols, &blocks))
             }
             Storage::Quant(ty, blocks) => match ty.as_q8_0(&blocks) {

@@ -8,20 +8,21 @@
 //!
 //! Per group of eight rows and per block of 32 columns, `stride` bytes:
 //! - the eight rows' f16 scales (16 bytes); for Q4_1, then the eight f16 minimums;
+//!   Q4_K's 32-weight groups as the eight f32 products `d·scale` and the eight f32
+//!   `−dmin·min` (each exact in f32), so Q4_K runs as Q4_1 does, in 4/3 of its file size;
 //! - the weights as unsigned codes (Q4: `q`, 0..15; Q8_0: `q + 128`), in steps of four
 //!   columns: step `s` holds columns `4s..4s+4` of row `r` at bytes `4r..4r+4` of a 32-byte
 //!   vector. Q8_0 stores the eight steps one after the other; Q4 packs step `2i` in the low
 //!   and step `2i + 1` in the high nibbles of vector `i`.
 //!
-//! A row's dot product is Σ_blocks d_w·d_x·(Σ code·x − offset·Σx) (+ m_w·s_x for Q4_1),
+//! A row's dot product is Σ_blocks d_w·d_x·(Σ code·x − offset·Σx) (+ m_w·s_x for Q4_1, Q4_K),
 //! each block's integer sum exact, accumulated with one fused multiply-add per block in
 //! block order; the scalar twin does exactly that, so every ISA gives the same bits.
 
 use super::buffer::LargeBuffer;
 use super::fixed::to_fixed;
 use super::qdot::{BlockQ8, Isa};
-use super::quant::{f16_at, QuantType};
-use half::f16;
+use super::quant::{f16_at, q4_k_scale_min, QuantType};
 
 /// Rows per group.
 pub const GROUP: usize = 8;
@@ -45,10 +46,26 @@ pub type PackedDotFixedFn = fn(&[u8], &[BlockQ8], usize, &mut [i64; GROUP]);
 
 /// Bytes of the scale header of one block of a group.
 pub(crate) fn header_bytes(ty: QuantType) -> usize {
-    if ty == QuantType::Q4_1 {
-        32
-    } else {
-        16
+    match ty {
+        QuantType::Q4_1 => 32,
+        QuantType::Q4K => 64,
+        _ => 16,
+    }
+}
+
+/// Whether blocks carry a minimum per row (weight = d·code + m).
+pub(crate) fn has_min(ty: QuantType) -> bool {
+    matches!(ty, QuantType::Q4_1 | QuantType::Q4K)
+}
+
+/// Row `r`'s scale and minimum in a block's header: f16 for the 32-weight formats, the f32
+/// products for Q4_K.
+fn row_scale_min(ty: QuantType, block: &[u8], r: usize) -> (f32, f32) {
+    let f32_at = |at: usize| f32::from_le_bytes(block[at..at + 4].try_into().expect("4 bytes"));
+    match ty {
+        QuantType::Q4K => (f32_at(4 * r), f32_at(32 + 4 * r)),
+        QuantType::Q4_1 => (f16_at(block, 2 * r), f16_at(block, 16 + 2 * r)),
+        _ => (f16_at(block, 2 * r), 0.0),
     }
 }
 
@@ -64,21 +81,34 @@ pub(crate) fn code_offset(ty: QuantType) -> i32 {
 impl PackedRows {
     /// Whether `ty` has the grouped layout.
     pub fn supports(ty: QuantType) -> bool {
-        matches!(ty, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0)
+        matches!(
+            ty,
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0 | QuantType::Q4K
+        )
     }
 
-    /// Bytes of one block of one group.
+    /// Whether a `rows`-row matrix of `ty` is regrouped: Q4_K only when its rows fill
+    /// whole groups, since its layout cannot be turned back into GGUF blocks (which fusing
+    /// a matrix that ends inside a group needs).
+    pub fn packs(ty: QuantType, rows: usize) -> bool {
+        Self::supports(ty) && (ty != QuantType::Q4K || rows.is_multiple_of(GROUP))
+    }
+
+    /// Bytes of one block (32 columns) of one group.
     pub(crate) fn stride(ty: QuantType) -> usize {
-        GROUP * ty.block_bytes()
+        match ty {
+            QuantType::Q4K => GROUP * 24,
+            _ => GROUP * ty.block_bytes(),
+        }
     }
 
     /// Regroups `rows` GGUF rows of `cols` weights (`blocks`, row-major).
     pub fn pack(ty: QuantType, rows: usize, cols: usize, blocks: &[u8]) -> Self {
         assert!(Self::supports(ty), "{} has no grouped layout", ty.name());
-        let (bb, nb) = (ty.block_bytes(), cols / 32);
+        let nb = cols / 32;
         assert_eq!(
             blocks.len(),
-            rows * nb * bb,
+            rows * ty.bytes_for(cols),
             "blocks do not match the shape"
         );
         let groups = rows.div_ceil(GROUP);
@@ -86,16 +116,26 @@ impl PackedRows {
         let mut data = LargeBuffer::zeroed(groups * nb * stride)
             .expect("cannot map memory for a weight matrix");
         let header = header_bytes(ty);
+        let row_bytes = ty.bytes_for(cols);
         for j in 0..rows {
             let (g, r) = (j / GROUP, j % GROUP);
+            let row = &blocks[j * row_bytes..(j + 1) * row_bytes];
             for b in 0..nb {
-                let src = &blocks[(j * nb + b) * bb..(j * nb + b + 1) * bb];
                 let dst = &mut data[(g * nb + b) * stride..(g * nb + b + 1) * stride];
-                dst[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
-                if ty == QuantType::Q4_1 {
-                    dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&src[2..4]);
-                }
-                let codes = block_codes(ty, src);
+                let codes = if ty == QuantType::Q4K {
+                    let (d, m, codes) = q4_k_group(&row[(b / 8) * 144..(b / 8 + 1) * 144], b % 8);
+                    dst[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+                    dst[32 + 4 * r..32 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
+                    codes
+                } else {
+                    let bb = ty.block_bytes();
+                    let src = &row[b * bb..(b + 1) * bb];
+                    dst[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
+                    if ty == QuantType::Q4_1 {
+                        dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&src[2..4]);
+                    }
+                    block_codes(ty, src)
+                };
                 let q = &mut dst[header..];
                 for (i, &c) in codes.iter().enumerate() {
                     let (step, k) = (i / 4, i % 4);
@@ -137,8 +177,9 @@ impl PackedRows {
         &self.data[g * len..(g + n) * len]
     }
 
-    /// The rows back in GGUF's row-major blocks.
+    /// The rows back in GGUF's row-major blocks (not for Q4_K, see [`Self::packs`]).
     pub fn to_blocks(&self) -> Vec<u8> {
+        assert!(self.ty != QuantType::Q4K, "Q4_K rows are not turned back");
         let (ty, nb) = (self.ty, self.cols / 32);
         let (bb, stride, header) = (ty.block_bytes(), Self::stride(ty), header_bytes(ty));
         let mut out = vec![0u8; self.rows * nb * bb];
@@ -171,6 +212,7 @@ impl PackedRows {
         if self.ty != other.ty || self.cols != other.cols {
             anyhow::bail!("cannot fuse weights of different formats or widths");
         }
+        // (Q4_K matrices are whole groups, see [`Self::packs`].)
         if self.rows.is_multiple_of(GROUP) {
             let data = LargeBuffer::from_slice(&[&self.data[..], &other.data[..]].concat())?;
             return Ok(PackedRows {
@@ -200,17 +242,29 @@ impl PackedRows {
         let offset = code_offset(self.ty) as f32;
         for (k, y) in out.chunks_exact_mut(32).enumerate() {
             let block = &group[(start / 32 + k) * stride..(start / 32 + k + 1) * stride];
-            let d = f16_at(block, 2 * r);
-            let m = match self.ty {
-                QuantType::Q4_1 => f16_at(block, 16 + 2 * r),
-                _ => 0.0,
-            };
+            let (d, m) = row_scale_min(self.ty, block, r);
             let q = &block[header_bytes(self.ty)..];
             for (i, v) in y.iter_mut().enumerate() {
                 *v = d * (code_at(self.ty, q, r, i) as f32 - offset) + m;
             }
         }
     }
+}
+
+/// Group `g` (weights 32g..32g + 32) of a Q4_K block: its scale `d·sc` and minimum
+/// `−dmin·m`, both exact in f32 (an f16 times a 6-bit integer), and its 32 codes.
+fn q4_k_group(block: &[u8], g: usize) -> (f32, f32, [u8; 32]) {
+    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+    let (sc, m) = q4_k_scale_min(g, &block[4..16]);
+    let qs = &block[16 + (g / 2) * 32..16 + (g / 2) * 32 + 32];
+    let codes = std::array::from_fn(|l| {
+        if g.is_multiple_of(2) {
+            qs[l] & 0x0f
+        } else {
+            qs[l] >> 4
+        }
+    });
+    (d * sc, -(dmin * m), codes)
 }
 
 /// The 32 unsigned codes of a GGUF block.
@@ -272,8 +326,10 @@ pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        use x86::{Q4_0, Q4_1, Q8_0};
+        use x86::{Q4K, Q4_0, Q4_1, Q8_0};
         match (ty, isa) {
+            (QuantType::Q4K, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4K),
+            (QuantType::Q4K, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q4K),
             (QuantType::Q4_0, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4_0),
             (QuantType::Q4_1, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4_1),
             (QuantType::Q8_0, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q8_0),
@@ -287,6 +343,7 @@ pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
         QuantType::Q4_0 => twin!(QuantType::Q4_0),
         QuantType::Q4_1 => twin!(QuantType::Q4_1),
         QuantType::Q8_0 => twin!(QuantType::Q8_0),
+        QuantType::Q4K => twin!(QuantType::Q4K),
         other => panic!("{} has no grouped layout", other.name()),
     }
 }
@@ -303,11 +360,10 @@ pub mod scalar {
             .map(|i| code_at(ty, q, r, i) as i32 * a.qs[i] as i32)
             .sum::<i32>()
             - code_offset(ty) * a.sum;
-        let scale =
-            f16::from_bits(u16::from_le_bytes([block[2 * r], block[2 * r + 1]])).to_f32() * a.d;
-        let acc = (sum as f32).mul_add(scale, acc);
-        if ty == QuantType::Q4_1 {
-            f16_at(block, 16 + 2 * r).mul_add(a.s, acc)
+        let (d, m) = row_scale_min(ty, block, r);
+        let acc = (sum as f32).mul_add(d * a.d, acc);
+        if has_min(ty) {
+            m.mul_add(a.s, acc)
         } else {
             acc
         }
@@ -358,12 +414,34 @@ pub(crate) mod x86 {
     pub const Q4_0: u8 = 0;
     pub const Q4_1: u8 = 1;
     pub const Q8_0: u8 = 2;
+    pub const Q4K: u8 = 3;
 
     pub(crate) const fn quant_type(fmt: u8) -> QuantType {
         match fmt {
             Q4_0 => QuantType::Q4_0,
             Q4_1 => QuantType::Q4_1,
+            Q4K => QuantType::Q4K,
             _ => QuantType::Q8_0,
+        }
+    }
+
+    /// The eight rows' scales of a block: f16 widened, or Q4_K's f32.
+    #[inline(always)]
+    pub(crate) unsafe fn scales8<const FMT: u8>(block: *const u8) -> __m256 {
+        if FMT == Q4K {
+            _mm256_loadu_ps(block as *const f32)
+        } else {
+            _mm256_cvtph_ps(_mm_loadu_si128(block as *const __m128i))
+        }
+    }
+
+    /// The eight rows' minimums of a block (Q4_1, Q4_K).
+    #[inline(always)]
+    pub(crate) unsafe fn mins8<const FMT: u8>(block: *const u8) -> __m256 {
+        if FMT == Q4K {
+            _mm256_loadu_ps(block.add(32) as *const f32)
+        } else {
+            _mm256_cvtph_ps(_mm_loadu_si128(block.add(16) as *const __m128i))
         }
     }
 
@@ -441,12 +519,10 @@ pub(crate) mod x86 {
                     if offset != 0 {
                         sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(offset * a.sum));
                     }
-                    let d = _mm256_cvtph_ps(_mm_loadu_si128(block as *const __m128i));
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+                    let scale = _mm256_mul_ps(scales8::<FMT>(block), _mm256_set1_ps(a.d));
                     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
-                    if FMT == Q4_1 {
-                        let m = _mm256_cvtph_ps(_mm_loadu_si128(block.add(16) as *const __m128i));
-                        acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc);
+                    if FMT == Q4_1 || FMT == Q4K {
+                        acc = _mm256_fmadd_ps(mins8::<FMT>(block), _mm256_set1_ps(a.s), acc);
                     }
                 }
                 acc
@@ -506,14 +582,15 @@ pub(crate) mod tests {
     use crate::kernels::qdot::quantize_q8;
     use rand::{Rng, SeedableRng};
 
-    /// Random GGUF rows of `ty` with sane f16 scales (now and then a zero or a large one).
+    /// Random GGUF rows of `ty`, `blocks` blocks of 32 columns each, with sane f16 scales
+    /// (now and then a zero or a large one).
     pub(crate) fn random_rows(
         ty: QuantType,
         rows: usize,
         blocks: usize,
         rng: &mut impl Rng,
     ) -> Vec<u8> {
-        let mut data: Vec<u8> = (0..rows * blocks * ty.block_bytes())
+        let mut data: Vec<u8> = (0..rows * ty.bytes_for(blocks * 32))
             .map(|_| rng.random())
             .collect();
         for b in data.chunks_exact_mut(ty.block_bytes()) {
@@ -522,29 +599,46 @@ pub(crate) mod tests {
                 1 => 8.0,
                 _ => rng.random_range(-0.1..0.1),
             };
-            b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-            if ty == QuantType::Q4_1 {
-                b[2..4].copy_from_slice(&f16::from_f32(rng.random_range(-0.5..0.5)).to_le_bytes());
+            b[0..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            if has_min(ty) {
+                let m = half::f16::from_f32(rng.random_range(-0.5..0.5));
+                b[2..4].copy_from_slice(&m.to_le_bytes());
             }
         }
         data
     }
 
-    const TYPES: [QuantType; 3] = [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0];
+    const TYPES: [QuantType; 4] = [
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q8_0,
+        QuantType::Q4K,
+    ];
+
+    /// Blocks of 32 a row of `ty` may have: Q4_K's come eight at a time.
+    pub(crate) fn blocks_of(ty: QuantType, blocks: usize) -> usize {
+        if ty == QuantType::Q4K {
+            8 * blocks.div_ceil(8)
+        } else {
+            blocks
+        }
+    }
 
     #[test]
     fn packing_keeps_every_weight() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for ty in TYPES {
             for rows in [1, 8, 13] {
-                let blocks = 3;
+                let blocks = blocks_of(ty, 3);
                 let data = random_rows(ty, rows, blocks, &mut rng);
                 let packed = PackedRows::pack(ty, rows, blocks * 32, &data);
                 assert_eq!(packed.bytes(), data.len());
-                assert_eq!(packed.to_blocks(), data, "{ty:?}: blocks round-trip");
+                if ty != QuantType::Q4K {
+                    assert_eq!(packed.to_blocks(), data, "{ty:?}: blocks round-trip");
+                }
                 for j in 0..rows {
                     let mut want = vec![0.0; blocks * 32];
-                    let row_bytes = blocks * ty.block_bytes();
+                    let row_bytes = ty.bytes_for(blocks * 32);
                     ty.dequantize(&data[j * row_bytes..(j + 1) * row_bytes], &mut want);
                     let mut got = vec![0.0; 64];
                     packed.dequantize(j, 32, &mut got);
@@ -558,7 +652,7 @@ pub(crate) mod tests {
     fn every_isa_equals_the_scalar_twin_bit_for_bit() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         for ty in TYPES {
-            for blocks in [1, 2, 6, 48] {
+            for blocks in [1, 2, 6, 48].map(|b| blocks_of(ty, b)) {
                 let data = random_rows(ty, GROUP, blocks, &mut rng);
                 let packed = PackedRows::pack(ty, GROUP, blocks * 32, &data);
                 let x: Vec<f32> = (0..blocks * 32)

@@ -76,7 +76,7 @@ pub fn tile_fns(ty: QuantType, isa: Isa) -> (TileDotFn, TileDotFixedFn) {
             }
         };
     }
-    pick!(Q4_0, Q4_1, Q8_0)
+    pick!(Q4_0, Q4_1, Q8_0, Q4K)
 }
 
 /// The scalar twins: the one-token twin of [`super::packed`], group by group, token by token.
@@ -135,7 +135,9 @@ mod x86 {
     use crate::kernels::qdot::BlockQ8;
     use std::arch::x86_64::*;
 
-    pub(crate) use crate::kernels::packed::x86::{quant_type, Q4_0, Q4_1, Q8_0};
+    pub(crate) use crate::kernels::packed::x86::{
+        mins8, quant_type, scales8, Q4K, Q4_0, Q4_1, Q8_0,
+    };
 
     /// Tokens a tile holds: one accumulator register each.
     const TILE: usize = 4;
@@ -203,11 +205,11 @@ mod x86 {
             let lo = _mm512_castsi256_si512(_mm256_loadu_si256(b0 as *const __m256i));
             _mm512_inserti64x4(lo, _mm256_loadu_si256(b1 as *const __m256i), 1)
         };
-        let halves = |b0: *const u8, b1: *const u8| {
-            let lo = _mm256_castsi128_si256(_mm_loadu_si128(b0 as *const __m128i));
-            _mm512_cvtph_ps(_mm256_inserti128_si256(
-                lo,
-                _mm_loadu_si128(b1 as *const __m128i),
+        // The two groups' eight values each, as one register.
+        let join = |lo: __m256, hi: __m256| {
+            _mm512_castpd_ps(_mm512_insertf64x4(
+                _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                _mm256_castps_pd(hi),
                 1,
             ))
         };
@@ -216,9 +218,9 @@ mod x86 {
         for b in 0..blocks {
             ahead.block(b);
             let (b0, b1) = (g0.add(b * stride), g1.add(b * stride));
-            let d = halves(b0, b1);
-            let m = if FMT == Q4_1 {
-                halves(b0.add(16), b1.add(16))
+            let d = join(scales8::<FMT>(b0), scales8::<FMT>(b1));
+            let m = if FMT == Q4_1 || FMT == Q4K {
+                join(mins8::<FMT>(b0), mins8::<FMT>(b1))
             } else {
                 d
             };
@@ -247,7 +249,7 @@ mod x86 {
                 }
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps((*a).d));
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, *acc);
-                if FMT == Q4_1 {
+                if FMT == Q4_1 || FMT == Q4K {
                     *acc = _mm512_fmadd_ps(m, _mm512_set1_ps((*a).s), *acc);
                 }
             }
@@ -274,8 +276,12 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); N];
         for b in 0..blocks {
             let block = g.add(b * stride);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(block as *const __m128i));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(block.add(16) as *const __m128i));
+            let d = scales8::<FMT>(block);
+            let m = if FMT == Q4_1 || FMT == Q4K {
+                mins8::<FMT>(block)
+            } else {
+                d
+            };
             let load = |i: usize| _mm256_loadu_si256(block.add(header + 32 * i) as *const __m256i);
             let mut w = [_mm256_setzero_si256(); 8];
             if FMT == Q8_0 {
@@ -310,7 +316,7 @@ mod x86 {
                 }
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps((*a).d));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc);
-                if FMT == Q4_1 {
+                if FMT == Q4_1 || FMT == Q4K {
                     *acc = _mm256_fmadd_ps(m, _mm256_set1_ps((*a).s), *acc);
                 }
             }
@@ -513,7 +519,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::packed::tests::random_rows;
+    use crate::kernels::packed::tests::{blocks_of, random_rows};
     use crate::kernels::qdot::quantize_q8;
     use rand::{Rng, SeedableRng};
 
@@ -523,8 +529,15 @@ mod tests {
     #[test]
     fn every_isa_equals_the_one_token_twin_for_1_to_17_tokens() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for ty in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
+        for ty in [
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q8_0,
+            QuantType::Q4K,
+        ] {
             for (blocks, seg) in [(1, 1), (3, 3), (6, 2), (18, 2), (64, 2)] {
+                let blocks = blocks_of(ty, blocks);
+                let seg = if blocks.is_multiple_of(seg) { seg } else { 2 };
                 for n in 1..=MAX_GROUPS {
                     let packed = PackedRows::pack(
                         ty,
