@@ -42,7 +42,7 @@ pub enum Storage {
     F16(Vec<f16>),
     /// GGUF blocks, row after row; every row is a whole number of blocks.
     Quant(QuantType, Vec<u8>),
-    /// Q4_0 / Q4_1 / Q8_0 rows regrouped for decode ([`PackedRows`]); what
+    /// Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K rows regrouped ([`PackedRows`]); what
     /// [`Matrix::new`] makes of those formats.
     Packed(PackedRows),
 }

@@ -10,14 +10,18 @@
 //! - the eight rows' f16 scales (16 bytes); for Q4_1, then the eight f16 minimums;
 //!   Q4_K's 32-weight groups as the eight f32 products `d·scale` and the eight f32
 //!   `−dmin·min` (each exact in f32), so Q4_K runs as Q4_1 does, in 4/3 of its file size;
-//! - the weights as unsigned codes (Q4: `q`, 0..15; Q8_0: `q + 128`), in steps of four
+//!   Q6_K's as the eight f32 `d·scale` of columns 0..16, then the eight of 16..32 (Q6_K
+//!   has a scale per 16 weights), with byte codes as Q8_0's (1.5× its file size);
+//! - the weights as unsigned codes (Q4: `q`, 0..15; Q8_0: `q + 128`; Q6_K: `q + 32`,
+//!   0..63), in steps of four
 //!   columns: step `s` holds columns `4s..4s+4` of row `r` at bytes `4r..4r+4` of a 32-byte
 //!   vector. Q8_0 stores the eight steps one after the other; Q4 packs step `2i` in the low
 //!   and step `2i + 1` in the high nibbles of vector `i`.
 //!
 //! A row's dot product is Σ_blocks d_w·d_x·(Σ code·x − offset·Σx) (+ m_w·s_x for Q4_1, Q4_K),
 //! each block's integer sum exact, accumulated with one fused multiply-add per block in
-//! block order; the scalar twin does exactly that, so every ISA gives the same bits.
+//! block order (Q6_K: one per half block, the first half first); the scalar twin does
+//! exactly that, so every ISA gives the same bits.
 
 use super::buffer::LargeBuffer;
 use super::fixed::to_fixed;
@@ -48,7 +52,7 @@ pub type PackedDotFixedFn = fn(&[u8], &[BlockQ8], usize, &mut [i64; GROUP]);
 pub(crate) fn header_bytes(ty: QuantType) -> usize {
     match ty {
         QuantType::Q4_1 => 32,
-        QuantType::Q4K => 64,
+        QuantType::Q4K | QuantType::Q6K => 64,
         _ => 16,
     }
 }
@@ -58,14 +62,18 @@ pub(crate) fn has_min(ty: QuantType) -> bool {
     matches!(ty, QuantType::Q4_1 | QuantType::Q4K)
 }
 
-/// Row `r`'s scale and minimum in a block's header: f16 for the 32-weight formats, the f32
-/// products for Q4_K.
-fn row_scale_min(ty: QuantType, block: &[u8], r: usize) -> (f32, f32) {
+/// Row `r`'s scales (of columns 0..16 and 16..32, the same but for Q6_K) and minimum in a
+/// block's header: f16 for the 32-weight formats, the f32 products for the K formats.
+fn row_scales(ty: QuantType, block: &[u8], r: usize) -> (f32, f32, f32) {
     let f32_at = |at: usize| f32::from_le_bytes(block[at..at + 4].try_into().expect("4 bytes"));
     match ty {
-        QuantType::Q4K => (f32_at(4 * r), f32_at(32 + 4 * r)),
-        QuantType::Q4_1 => (f16_at(block, 2 * r), f16_at(block, 16 + 2 * r)),
-        _ => (f16_at(block, 2 * r), 0.0),
+        QuantType::Q4K => (f32_at(4 * r), f32_at(4 * r), f32_at(32 + 4 * r)),
+        QuantType::Q6K => (f32_at(4 * r), f32_at(32 + 4 * r), 0.0),
+        QuantType::Q4_1 => {
+            let d = f16_at(block, 2 * r);
+            (d, d, f16_at(block, 16 + 2 * r))
+        }
+        _ => (f16_at(block, 2 * r), f16_at(block, 2 * r), 0.0),
     }
 }
 
@@ -74,6 +82,7 @@ pub(crate) fn code_offset(ty: QuantType) -> i32 {
     match ty {
         QuantType::Q4_0 => 8,
         QuantType::Q8_0 => 128,
+        QuantType::Q6K => 32,
         _ => 0,
     }
 }
@@ -81,23 +90,22 @@ pub(crate) fn code_offset(ty: QuantType) -> i32 {
 impl PackedRows {
     /// Whether `ty` has the grouped layout.
     pub fn supports(ty: QuantType) -> bool {
-        matches!(
-            ty,
-            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0 | QuantType::Q4K
-        )
+        use QuantType::*;
+        matches!(ty, Q4_0 | Q4_1 | Q8_0 | Q4K | Q6K)
     }
 
-    /// Whether a `rows`-row matrix of `ty` is regrouped: Q4_K only when its rows fill
-    /// whole groups, since its layout cannot be turned back into GGUF blocks (which fusing
-    /// a matrix that ends inside a group needs).
+    /// Whether a `rows`-row matrix of `ty` is regrouped: the K formats only when their
+    /// rows fill whole groups, since their layout cannot be turned back into GGUF blocks
+    /// (which fusing a matrix that ends inside a group needs).
     pub fn packs(ty: QuantType, rows: usize) -> bool {
-        Self::supports(ty) && (ty != QuantType::Q4K || rows.is_multiple_of(GROUP))
+        Self::supports(ty) && (!is_k(ty) || rows.is_multiple_of(GROUP))
     }
 
     /// Bytes of one block (32 columns) of one group.
     pub(crate) fn stride(ty: QuantType) -> usize {
         match ty {
             QuantType::Q4K => GROUP * 24,
+            QuantType::Q6K => GROUP * 40,
             _ => GROUP * ty.block_bytes(),
         }
     }
@@ -122,10 +130,18 @@ impl PackedRows {
             let row = &blocks[j * row_bytes..(j + 1) * row_bytes];
             for b in 0..nb {
                 let dst = &mut data[(g * nb + b) * stride..(g * nb + b + 1) * stride];
+                let super_block = |bytes: usize| &row[(b / 8) * bytes..(b / 8 + 1) * bytes];
+                let k_header = |dst: &mut [u8], a: f32, b: f32| {
+                    dst[4 * r..4 * r + 4].copy_from_slice(&a.to_le_bytes());
+                    dst[32 + 4 * r..32 + 4 * r + 4].copy_from_slice(&b.to_le_bytes());
+                };
                 let codes = if ty == QuantType::Q4K {
-                    let (d, m, codes) = q4_k_group(&row[(b / 8) * 144..(b / 8 + 1) * 144], b % 8);
-                    dst[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
-                    dst[32 + 4 * r..32 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
+                    let (d, m, codes) = q4_k_group(super_block(144), b % 8);
+                    k_header(dst, d, m);
+                    codes
+                } else if ty == QuantType::Q6K {
+                    let (d_lo, d_hi, codes) = q6_k_group(super_block(210), b % 8);
+                    k_header(dst, d_lo, d_hi);
                     codes
                 } else {
                     let bb = ty.block_bytes();
@@ -139,7 +155,7 @@ impl PackedRows {
                 let q = &mut dst[header..];
                 for (i, &c) in codes.iter().enumerate() {
                     let (step, k) = (i / 4, i % 4);
-                    if ty == QuantType::Q8_0 {
+                    if byte_codes(ty) {
                         q[32 * step + 4 * r + k] = c;
                     } else {
                         let at = 32 * (step / 2) + 4 * r + k;
@@ -179,7 +195,7 @@ impl PackedRows {
 
     /// The rows back in GGUF's row-major blocks (not for Q4_K, see [`Self::packs`]).
     pub fn to_blocks(&self) -> Vec<u8> {
-        assert!(self.ty != QuantType::Q4K, "Q4_K rows are not turned back");
+        assert!(!is_k(self.ty), "K-format rows are not turned back");
         let (ty, nb) = (self.ty, self.cols / 32);
         let (bb, stride, header) = (ty.block_bytes(), Self::stride(ty), header_bytes(ty));
         let mut out = vec![0u8; self.rows * nb * bb];
@@ -212,7 +228,7 @@ impl PackedRows {
         if self.ty != other.ty || self.cols != other.cols {
             anyhow::bail!("cannot fuse weights of different formats or widths");
         }
-        // (Q4_K matrices are whole groups, see [`Self::packs`].)
+        // (K-format matrices are whole groups, see [`Self::packs`].)
         if self.rows.is_multiple_of(GROUP) {
             let data = LargeBuffer::from_slice(&[&self.data[..], &other.data[..]].concat())?;
             return Ok(PackedRows {
@@ -242,9 +258,10 @@ impl PackedRows {
         let offset = code_offset(self.ty) as f32;
         for (k, y) in out.chunks_exact_mut(32).enumerate() {
             let block = &group[(start / 32 + k) * stride..(start / 32 + k + 1) * stride];
-            let (d, m) = row_scale_min(self.ty, block, r);
+            let (d_lo, d_hi, m) = row_scales(self.ty, block, r);
             let q = &block[header_bytes(self.ty)..];
             for (i, v) in y.iter_mut().enumerate() {
+                let d = if i < 16 { d_lo } else { d_hi };
                 *v = d * (code_at(self.ty, q, r, i) as f32 - offset) + m;
             }
         }
@@ -267,6 +284,31 @@ fn q4_k_group(block: &[u8], g: usize) -> (f32, f32, [u8; 32]) {
     (d * sc, -(dmin * m), codes)
 }
 
+/// Block `b` (weights 32b..32b + 32) of a Q6_K block: the f32 scales `d·scale` of its two
+/// halves (exact: an f16 times an 8-bit integer) and its 32 codes `q + 32`.
+fn q6_k_group(block: &[u8], b: usize) -> (f32, f32, [u8; 32]) {
+    let d = f16_at(block, 208);
+    let (half, k) = (b / 4, b % 4);
+    let ql = &block[half * 64..half * 64 + 64];
+    let qh = &block[128 + half * 32..128 + half * 32 + 32];
+    let sc = |i: usize| d * (block[192 + half * 8 + 2 * k + i] as i8) as f32;
+    let codes = std::array::from_fn(|l| {
+        let low = match k {
+            0 => ql[l] & 0x0f,
+            1 => ql[l + 32] & 0x0f,
+            2 => ql[l] >> 4,
+            _ => ql[l + 32] >> 4,
+        };
+        low | ((qh[l] >> (2 * k)) & 3) << 4
+    });
+    (sc(0), sc(1), codes)
+}
+
+/// Whether `ty` is a K format (its rows regrouped only in whole groups).
+fn is_k(ty: QuantType) -> bool {
+    matches!(ty, QuantType::Q4K | QuantType::Q6K)
+}
+
 /// The 32 unsigned codes of a GGUF block.
 fn block_codes(ty: QuantType, block: &[u8]) -> [u8; 32] {
     let mut codes = [0u8; 32];
@@ -287,10 +329,15 @@ fn block_codes(ty: QuantType, block: &[u8]) -> [u8; 32] {
     codes
 }
 
+/// Whether codes are bytes (else nibbles).
+pub(crate) fn byte_codes(ty: QuantType) -> bool {
+    matches!(ty, QuantType::Q8_0 | QuantType::Q6K)
+}
+
 /// Code of column `i` of row `r` in a block's code bytes `q`.
 fn code_at(ty: QuantType, q: &[u8], r: usize, i: usize) -> u8 {
     let (step, k) = (i / 4, i % 4);
-    if ty == QuantType::Q8_0 {
+    if byte_codes(ty) {
         q[32 * step + 4 * r + k]
     } else {
         let byte = q[32 * (step / 2) + 4 * r + k];
@@ -326,8 +373,10 @@ pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        use x86::{Q4K, Q4_0, Q4_1, Q8_0};
+        use x86::{Q4K, Q4_0, Q4_1, Q6K, Q8_0};
         match (ty, isa) {
+            (QuantType::Q6K, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q6K),
+            (QuantType::Q6K, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q6K),
             (QuantType::Q4K, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4K),
             (QuantType::Q4K, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q4K),
             (QuantType::Q4_0, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4_0),
@@ -344,6 +393,7 @@ pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
         QuantType::Q4_1 => twin!(QuantType::Q4_1),
         QuantType::Q8_0 => twin!(QuantType::Q8_0),
         QuantType::Q4K => twin!(QuantType::Q4K),
+        QuantType::Q6K => twin!(QuantType::Q6K),
         other => panic!("{} has no grouped layout", other.name()),
     }
 }
@@ -356,12 +406,20 @@ pub mod scalar {
     /// to `acc` as the SIMD kernels add it.
     fn block_term(ty: QuantType, block: &[u8], a: &BlockQ8, r: usize, acc: f32) -> f32 {
         let q = &block[header_bytes(ty)..];
-        let sum: i32 = (0..32)
-            .map(|i| code_at(ty, q, r, i) as i32 * a.qs[i] as i32)
-            .sum::<i32>()
-            - code_offset(ty) * a.sum;
-        let (d, m) = row_scale_min(ty, block, r);
-        let acc = (sum as f32).mul_add(d * a.d, acc);
+        let products = |cols: std::ops::Range<usize>| -> i32 {
+            cols.map(|i| code_at(ty, q, r, i) as i32 * a.qs[i] as i32)
+                .sum()
+        };
+        let (d_lo, d_hi, m) = row_scales(ty, block, r);
+        if ty == QuantType::Q6K {
+            let offset = code_offset(ty);
+            let lo = products(0..16) - offset * a.sum_lo;
+            let hi = products(16..32) - offset * (a.sum - a.sum_lo);
+            let acc = (lo as f32).mul_add(d_lo * a.d, acc);
+            return (hi as f32).mul_add(d_hi * a.d, acc);
+        }
+        let sum = products(0..32) - code_offset(ty) * a.sum;
+        let acc = (sum as f32).mul_add(d_lo * a.d, acc);
         if has_min(ty) {
             m.mul_add(a.s, acc)
         } else {
@@ -415,20 +473,28 @@ pub(crate) mod x86 {
     pub const Q4_1: u8 = 1;
     pub const Q8_0: u8 = 2;
     pub const Q4K: u8 = 3;
+    pub const Q6K: u8 = 4;
 
     pub(crate) const fn quant_type(fmt: u8) -> QuantType {
         match fmt {
             Q4_0 => QuantType::Q4_0,
             Q4_1 => QuantType::Q4_1,
             Q4K => QuantType::Q4K,
+            Q6K => QuantType::Q6K,
             _ => QuantType::Q8_0,
         }
+    }
+
+    /// Q6_K's scales of columns 16..32 of a block (after those of 0..16).
+    #[inline(always)]
+    pub(crate) unsafe fn high_scales8(block: *const u8) -> __m256 {
+        _mm256_loadu_ps(block.add(32) as *const f32)
     }
 
     /// The eight rows' scales of a block: f16 widened, or Q4_K's f32.
     #[inline(always)]
     pub(crate) unsafe fn scales8<const FMT: u8>(block: *const u8) -> __m256 {
-        if FMT == Q4K {
+        if FMT == Q4K || FMT == Q6K {
             _mm256_loadu_ps(block as *const f32)
         } else {
             _mm256_cvtph_ps(_mm_loadu_si128(block as *const __m128i))
@@ -481,6 +547,31 @@ pub(crate) mod x86 {
         _mm256_add_epi32(acc[0], acc[1])
     }
 
+    /// Q6_K's Σ code·x per row of each half block (steps 0..4, 4..8), with the AVX2 u8×i8
+    /// product (codes below 64 cannot overflow its 16-bit sums).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_sums_avx2(q: *const u8, a: &BlockQ8) -> [__m256i; 2] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); 2];
+        for s in 0..8 {
+            let w = _mm256_loadu_si256(q.add(32 * s) as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, step_x(a, s)), ones);
+            acc[s / 4] = _mm256_add_epi32(acc[s / 4], p);
+        }
+        acc
+    }
+
+    /// The same with AVX-512 VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn half_sums_vnni(q: *const u8, a: &BlockQ8) -> [__m256i; 2] {
+        let mut acc = [_mm256_setzero_si256(); 2];
+        for s in 0..8 {
+            let w = _mm256_loadu_si256(q.add(32 * s) as *const __m256i);
+            acc[s / 4] = _mm256_dpbusd_epi32(acc[s / 4], w, step_x(a, s));
+        }
+        acc
+    }
+
     /// The same with AVX-512 VNNI: one instruction per step, no 16-bit intermediate.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     unsafe fn block_sums_vnni<const FMT: u8>(q: *const u8, a: &BlockQ8) -> __m256i {
@@ -506,7 +597,7 @@ pub(crate) mod x86 {
     /// For one instruction set: the group's dot products over `x` from `acc` on, and the
     /// two public kernels (f32 rows, fixed-point segments).
     macro_rules! kernels {
-        ($blocks:ident, $f32:ident, $fixed:ident, $sums:ident, $features:literal) => {
+        ($blocks:ident, $f32:ident, $fixed:ident, $sums:ident, $halves:ident, $features:literal) => {
             #[target_feature(enable = $features)]
             unsafe fn $blocks<const FMT: u8>(group: *const u8, x: &[BlockQ8]) -> __m256 {
                 let ty = quant_type(FMT);
@@ -515,6 +606,18 @@ pub(crate) mod x86 {
                 let mut acc = _mm256_setzero_ps();
                 for (b, a) in x.iter().enumerate() {
                     let block = group.add(b * stride);
+                    if FMT == Q6K {
+                        let [lo, hi] = $halves(block.add(header_bytes(ty)), a);
+                        let lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(offset * a.sum_lo));
+                        let hi =
+                            _mm256_sub_epi32(hi, _mm256_set1_epi32(offset * (a.sum - a.sum_lo)));
+                        let d = _mm256_set1_ps(a.d);
+                        let lo_scale = _mm256_mul_ps(scales8::<FMT>(block), d);
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), lo_scale, acc);
+                        let hi_scale = _mm256_mul_ps(high_scales8(block), d);
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), hi_scale, acc);
+                        continue;
+                    }
                     let mut sums = $sums::<FMT>(block.add(header_bytes(ty)), a);
                     if offset != 0 {
                         sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(offset * a.sum));
@@ -565,6 +668,7 @@ pub(crate) mod x86 {
         dot_avx2,
         dot_fixed_avx2,
         block_sums_avx2,
+        half_sums_avx2,
         "avx2,fma,f16c"
     );
     kernels!(
@@ -572,6 +676,7 @@ pub(crate) mod x86 {
         dot_vnni,
         dot_fixed_vnni,
         block_sums_vnni,
+        half_sums_vnni,
         "avx2,fma,f16c,avx512vnni,avx512vl"
     );
 }
@@ -599,7 +704,9 @@ pub(crate) mod tests {
                 1 => 8.0,
                 _ => rng.random_range(-0.1..0.1),
             };
-            b[0..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            // Q6_K keeps its f16 scale last.
+            let at = if ty == QuantType::Q6K { 208 } else { 0 };
+            b[at..at + 2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
             if has_min(ty) {
                 let m = half::f16::from_f32(rng.random_range(-0.5..0.5));
                 b[2..4].copy_from_slice(&m.to_le_bytes());
@@ -608,16 +715,17 @@ pub(crate) mod tests {
         data
     }
 
-    const TYPES: [QuantType; 4] = [
+    const TYPES: [QuantType; 5] = [
         QuantType::Q4_0,
         QuantType::Q4_1,
         QuantType::Q8_0,
         QuantType::Q4K,
+        QuantType::Q6K,
     ];
 
-    /// Blocks of 32 a row of `ty` may have: Q4_K's come eight at a time.
+    /// Blocks of 32 a row of `ty` may have: the K formats' come eight at a time.
     pub(crate) fn blocks_of(ty: QuantType, blocks: usize) -> usize {
-        if ty == QuantType::Q4K {
+        if is_k(ty) {
             8 * blocks.div_ceil(8)
         } else {
             blocks
@@ -633,7 +741,7 @@ pub(crate) mod tests {
                 let data = random_rows(ty, rows, blocks, &mut rng);
                 let packed = PackedRows::pack(ty, rows, blocks * 32, &data);
                 assert_eq!(packed.bytes(), data.len());
-                if ty != QuantType::Q4K {
+                if !is_k(ty) {
                     assert_eq!(packed.to_blocks(), data, "{ty:?}: blocks round-trip");
                 }
                 for j in 0..rows {

@@ -12,6 +12,8 @@ pub struct BlockQ8 {
     pub s: f32,
     /// Σ qs, for formats whose codes are offset (Q4_0's `q − 8`).
     pub sum: i32,
+    /// Σ of the first 16 qs (Q6_K's blocks have a scale per 16 weights).
+    pub sum_lo: i32,
     pub qs: [i8; 32],
 }
 
@@ -34,14 +36,15 @@ pub fn quantize_q8_scalar(x: &[f32], out: &mut [BlockQ8]) {
         let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
         for (q, v) in block.qs.iter_mut().zip(xs) {
             *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
         }
+        let sum_lo = block.qs[..16].iter().map(|&q| q as i32).sum::<i32>();
+        let sum = sum_lo + block.qs[16..].iter().map(|&q| q as i32).sum::<i32>();
         block.d = d;
         block.s = d * sum as f32;
         block.sum = sum;
+        block.sum_lo = sum_lo;
     }
 }
 
@@ -126,16 +129,17 @@ pub(crate) mod x86 {
                 _mm256_permute2x128_si256(q16, q16b, 0x31),
             );
             _mm256_storeu_si256(block.qs.as_mut_ptr() as *mut __m256i, q8);
-            let sums = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            let s = _mm_add_epi32(
-                _mm256_castsi256_si128(sums),
-                _mm256_extracti128_si256(sums, 1),
-            );
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            let sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)));
+            let hsum = |v: __m256i| {
+                let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+            };
+            let sum_lo = hsum(_mm256_add_epi32(q[0], q[1]));
+            let sum = sum_lo + hsum(_mm256_add_epi32(q[2], q[3]));
             block.d = d;
             block.s = d * sum as f32;
             block.sum = sum;
+            block.sum_lo = sum_lo;
         }
     }
 
@@ -174,8 +178,8 @@ mod tests {
             quantize_q8(&x, &mut got);
             for (w, g) in want.iter().zip(&got) {
                 assert_eq!(
-                    (w.d, w.s, w.sum, w.qs),
-                    (g.d, g.s, g.sum, g.qs),
+                    (w.d, w.s, w.sum, w.sum_lo, w.qs),
+                    (g.d, g.s, g.sum, g.sum_lo, g.qs),
                     "scale {scale}"
                 );
             }
@@ -190,5 +194,9 @@ mod tests {
         assert_eq!(q[0].qs[0], -127);
         assert!((q[0].d * 127.0 - 16.0).abs() < 1e-6);
         assert_eq!(q[0].sum, q[0].qs.iter().map(|&v| v as i32).sum::<i32>());
+        assert_eq!(
+            q[0].sum_lo,
+            q[0].qs[..16].iter().map(|&v| v as i32).sum::<i32>()
+        );
     }
 }

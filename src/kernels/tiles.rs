@@ -76,7 +76,7 @@ pub fn tile_fns(ty: QuantType, isa: Isa) -> (TileDotFn, TileDotFixedFn) {
             }
         };
     }
-    pick!(Q4_0, Q4_1, Q8_0, Q4K)
+    pick!(Q4_0, Q4_1, Q8_0, Q4K, Q6K)
 }
 
 /// The scalar twins: the one-token twin of [`super::packed`], group by group, token by token.
@@ -136,7 +136,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub(crate) use crate::kernels::packed::x86::{
-        mins8, quant_type, scales8, Q4K, Q4_0, Q4_1, Q8_0,
+        high_scales8, mins8, quant_type, scales8, Q4K, Q4_0, Q4_1, Q6K, Q8_0,
     };
 
     /// Tokens a tile holds: one accumulator register each.
@@ -219,13 +219,16 @@ mod x86 {
             ahead.block(b);
             let (b0, b1) = (g0.add(b * stride), g1.add(b * stride));
             let d = join(scales8::<FMT>(b0), scales8::<FMT>(b1));
+            // The minimums (Q4_1, Q4_K), or Q6_K's scales of columns 16..32.
             let m = if FMT == Q4_1 || FMT == Q4K {
                 join(mins8::<FMT>(b0), mins8::<FMT>(b1))
+            } else if FMT == Q6K {
+                join(high_scales8(b0), high_scales8(b1))
             } else {
                 d
             };
             let mut w = [_mm512_setzero_si512(); 8];
-            if FMT == Q8_0 {
+            if FMT == Q8_0 || FMT == Q6K {
                 for (s, w) in w.iter_mut().enumerate() {
                     *w = pair(b0.add(header + 32 * s), b1.add(header + 32 * s));
                 }
@@ -241,7 +244,17 @@ mod x86 {
                 let mut sums = [_mm512_setzero_si512(); 2];
                 for (s, w) in w.iter().enumerate() {
                     let xs = _mm512_set1_epi32(step_x(a, s));
-                    sums[s % 2] = _mm512_dpbusd_epi32(sums[s % 2], *w, xs);
+                    let i = if FMT == Q6K { s / 4 } else { s % 2 };
+                    sums[i] = _mm512_dpbusd_epi32(sums[i], *w, xs);
+                }
+                if FMT == Q6K {
+                    let (lo_x, hi_x) = ((*a).sum_lo, (*a).sum - (*a).sum_lo);
+                    let lo = _mm512_sub_epi32(sums[0], _mm512_set1_epi32(offset * lo_x));
+                    let hi = _mm512_sub_epi32(sums[1], _mm512_set1_epi32(offset * hi_x));
+                    let ad = _mm512_set1_ps((*a).d);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(d, ad), *acc);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(m, ad), *acc);
+                    continue;
                 }
                 let mut sum = _mm512_add_epi32(sums[0], sums[1]);
                 if offset != 0 {
@@ -277,8 +290,11 @@ mod x86 {
         for b in 0..blocks {
             let block = g.add(b * stride);
             let d = scales8::<FMT>(block);
+            // The minimums (Q4_1, Q4_K), or Q6_K's scales of columns 16..32.
             let m = if FMT == Q4_1 || FMT == Q4K {
                 mins8::<FMT>(block)
+            } else if FMT == Q6K {
+                high_scales8(block)
             } else {
                 d
             };
@@ -287,6 +303,10 @@ mod x86 {
             if FMT == Q8_0 {
                 for (s, w) in w.iter_mut().enumerate() {
                     *w = _mm256_xor_si256(load(s), flip);
+                }
+            } else if FMT == Q6K {
+                for (s, w) in w.iter_mut().enumerate() {
+                    *w = load(s);
                 }
             } else {
                 for i in 0..4 {
@@ -305,7 +325,17 @@ mod x86 {
                     } else {
                         dot(*w, xs)
                     };
-                    sums[s % 2] = _mm256_add_epi32(sums[s % 2], p);
+                    let i = if FMT == Q6K { s / 4 } else { s % 2 };
+                    sums[i] = _mm256_add_epi32(sums[i], p);
+                }
+                if FMT == Q6K {
+                    let (lo_x, hi_x) = ((*a).sum_lo, (*a).sum - (*a).sum_lo);
+                    let lo = _mm256_sub_epi32(sums[0], _mm256_set1_epi32(offset * lo_x));
+                    let hi = _mm256_sub_epi32(sums[1], _mm256_set1_epi32(offset * hi_x));
+                    let ad = _mm256_set1_ps((*a).d);
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(d, ad), *acc);
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(m, ad), *acc);
+                    continue;
                 }
                 let mut sum = _mm256_add_epi32(sums[0], sums[1]);
                 if FMT == Q8_0 {
@@ -534,6 +564,7 @@ mod tests {
             QuantType::Q4_1,
             QuantType::Q8_0,
             QuantType::Q4K,
+            QuantType::Q6K,
         ] {
             for (blocks, seg) in [(1, 1), (3, 3), (6, 2), (18, 2), (64, 2)] {
                 let blocks = blocks_of(ty, blocks);
