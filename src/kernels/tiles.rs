@@ -168,6 +168,27 @@ mod x86 {
             }
         }
 
+        /// AVX2 takes one group at a time: on the first tile (`t0 == 0`), group `gi`'s
+        /// counterpart among the groups after `groups` (each `group_bytes` long), from its
+        /// block `at` on.
+        fn next_group(
+            groups: &[u8],
+            group_bytes: usize,
+            gi: usize,
+            stride: usize,
+            t0: usize,
+            at: usize,
+        ) -> Ahead {
+            if t0 > 0 {
+                return Ahead::NONE;
+            }
+            let skip = groups.len() + gi * group_bytes + at * stride;
+            Ahead {
+                from: groups.as_ptr().wrapping_add(skip),
+                per_block: stride,
+            }
+        }
+
         /// Asks for block `b`'s share.
         #[inline(always)]
         fn block(self, b: usize) {
@@ -278,6 +299,7 @@ mod x86 {
         x: *const BlockQ8,
         per_token: usize,
         blocks: usize,
+        ahead: Ahead,
     ) -> [__m256; N] {
         let ty = quant_type(FMT);
         let (stride, header) = (PackedRows::stride(ty), header_bytes(ty));
@@ -288,6 +310,7 @@ mod x86 {
         let flip = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); N];
         for b in 0..blocks {
+            ahead.block(b);
             let block = g.add(b * stride);
             let d = scales8::<FMT>(block);
             // The minimums (Q4_1, Q4_K), or Q6_K's scales of columns 16..32.
@@ -491,12 +514,14 @@ mod x86 {
     ) {
         let (n, tokens) = shape(quant_type(FMT), groups, x, per_token, out.len());
         let group_bytes = groups.len() / n;
+        let stride = PackedRows::stride(quant_type(FMT));
         for (gi, g) in groups.chunks_exact(group_bytes).enumerate() {
             by_tiles(tokens, |t0, k| {
                 let xt = x.as_ptr().add(t0 * per_token);
+                let ahead = Ahead::next_group(groups, group_bytes, gi, stride, t0, 0);
                 sized!(
                     k,
-                    tile_avx2::<FMT>(g.as_ptr(), xt, per_token, per_token),
+                    tile_avx2::<FMT>(g.as_ptr(), xt, per_token, per_token, ahead),
                     |acc| {
                         for (t, v) in acc.iter().enumerate() {
                             let o = out.as_mut_ptr().add((t0 + t) * n * GROUP + gi * GROUP);
@@ -529,12 +554,18 @@ mod x86 {
                     let at = s * seg_blocks;
                     let xt = x.as_ptr().add(t0 * per_token + at);
                     let gs = g.as_ptr().add(at * stride);
-                    sized!(k, tile_avx2::<FMT>(gs, xt, per_token, seg_blocks), |acc| {
-                        for (f, v) in fixed.iter_mut().zip(acc) {
-                            f[0] = _mm256_add_epi64(f[0], to_fixed4(_mm256_castps256_ps128(v)));
-                            f[1] = _mm256_add_epi64(f[1], to_fixed4(_mm256_extractf128_ps(v, 1)));
+                    let ahead = Ahead::next_group(groups, group_bytes, gi, stride, t0, at);
+                    sized!(
+                        k,
+                        tile_avx2::<FMT>(gs, xt, per_token, seg_blocks, ahead),
+                        |acc| {
+                            for (f, v) in fixed.iter_mut().zip(acc) {
+                                f[0] = _mm256_add_epi64(f[0], to_fixed4(_mm256_castps256_ps128(v)));
+                                f[1] =
+                                    _mm256_add_epi64(f[1], to_fixed4(_mm256_extractf128_ps(v, 1)));
+                            }
                         }
-                    })
+                    )
                 }
                 for (t, f) in fixed.iter().take(k).enumerate() {
                     let o = out.as_mut_ptr().add((t0 + t) * n * GROUP + gi * GROUP) as *mut __m256i;
