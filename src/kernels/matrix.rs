@@ -149,7 +149,7 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// A matrix over `storage`; Q4_0, Q4_1, Q8_0 and Q4_K blocks (and those that re-encode
+    /// A matrix over `storage`; Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks (and those that re-encode
     /// as Q8_0) are regrouped ([`PackedRows`]).
     pub fn new(rows: usize, cols: usize, storage: Storage) -> Self {
         assert_eq!(

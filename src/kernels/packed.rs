@@ -58,7 +58,7 @@ pub(crate) fn header_bytes(ty: QuantType) -> usize {
 }
 
 /// Whether blocks carry a minimum per row (weight = d·code + m).
-pub(crate) fn has_min(ty: QuantType) -> bool {
+pub(crate) const fn has_min(ty: QuantType) -> bool {
     matches!(ty, QuantType::Q4_1 | QuantType::Q4K)
 }
 
@@ -130,21 +130,18 @@ impl PackedRows {
             let row = &blocks[j * row_bytes..(j + 1) * row_bytes];
             for b in 0..nb {
                 let dst = &mut data[(g * nb + b) * stride..(g * nb + b + 1) * stride];
-                let super_block = |bytes: usize| &row[(b / 8) * bytes..(b / 8 + 1) * bytes];
-                let k_header = |dst: &mut [u8], a: f32, b: f32| {
-                    dst[4 * r..4 * r + 4].copy_from_slice(&a.to_le_bytes());
-                    dst[32 + 4 * r..32 + 4 * r + 4].copy_from_slice(&b.to_le_bytes());
-                };
-                let codes = if ty == QuantType::Q4K {
-                    let (d, m, codes) = q4_k_group(super_block(144), b % 8);
-                    k_header(dst, d, m);
-                    codes
-                } else if ty == QuantType::Q6K {
-                    let (d_lo, d_hi, codes) = q6_k_group(super_block(210), b % 8);
-                    k_header(dst, d_lo, d_hi);
+                let bb = ty.block_bytes();
+                let codes = if is_k(ty) {
+                    // Block b is part b % 8 of the 256-weight block b / 8.
+                    let src = &row[(b / 8) * bb..(b / 8 + 1) * bb];
+                    let (first, second, codes) = match ty {
+                        QuantType::Q4K => q4_k_group(src, b % 8),
+                        _ => q6_k_group(src, b % 8),
+                    };
+                    dst[4 * r..4 * r + 4].copy_from_slice(&first.to_le_bytes());
+                    dst[32 + 4 * r..32 + 4 * r + 4].copy_from_slice(&second.to_le_bytes());
                     codes
                 } else {
-                    let bb = ty.block_bytes();
                     let src = &row[b * bb..(b + 1) * bb];
                     dst[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
                     if ty == QuantType::Q4_1 {
@@ -193,7 +190,7 @@ impl PackedRows {
         &self.data[g * len..(g + n) * len]
     }
 
-    /// The rows back in GGUF's row-major blocks (not for Q4_K, see [`Self::packs`]).
+    /// The rows back in GGUF's row-major blocks (not for the K formats, see [`Self::packs`]).
     pub fn to_blocks(&self) -> Vec<u8> {
         assert!(!is_k(self.ty), "K-format rows are not turned back");
         let (ty, nb) = (self.ty, self.cols / 32);
@@ -485,6 +482,11 @@ pub(crate) mod x86 {
         }
     }
 
+    /// [`super::has_min`] of a kernel's format.
+    pub(crate) const fn with_min(fmt: u8) -> bool {
+        super::has_min(quant_type(fmt))
+    }
+
     /// Q6_K's scales of columns 16..32 of a block (after those of 0..16).
     #[inline(always)]
     pub(crate) unsafe fn high_scales8(block: *const u8) -> __m256 {
@@ -624,7 +626,7 @@ pub(crate) mod x86 {
                     }
                     let scale = _mm256_mul_ps(scales8::<FMT>(block), _mm256_set1_ps(a.d));
                     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
-                    if FMT == Q4_1 || FMT == Q4K {
+                    if with_min(FMT) {
                         acc = _mm256_fmadd_ps(mins8::<FMT>(block), _mm256_set1_ps(a.s), acc);
                     }
                 }

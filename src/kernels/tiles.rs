@@ -136,7 +136,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub(crate) use crate::kernels::packed::x86::{
-        high_scales8, mins8, quant_type, scales8, Q4K, Q4_0, Q4_1, Q6K, Q8_0,
+        high_scales8, mins8, quant_type, scales8, with_min, Q4K, Q4_0, Q4_1, Q6K, Q8_0,
     };
 
     /// Tokens a tile holds: one accumulator register each.
@@ -160,32 +160,15 @@ mod x86 {
             per_block: 0,
         };
 
-        /// What follows `groups`, `per_block` bytes for each of their blocks.
-        fn after(groups: &[u8], per_block: usize) -> Ahead {
-            Ahead {
-                from: groups.as_ptr().wrapping_add(groups.len()),
-                per_block,
-            }
-        }
-
-        /// AVX2 takes one group at a time: on the first tile (`t0 == 0`), group `gi`'s
-        /// counterpart among the groups after `groups` (each `group_bytes` long), from its
-        /// block `at` on.
-        fn next_group(
-            groups: &[u8],
-            group_bytes: usize,
-            gi: usize,
-            stride: usize,
-            t0: usize,
-            at: usize,
-        ) -> Ahead {
+        /// On a call's first tile (`t0 == 0`): the weights `skip` bytes past the end of
+        /// `groups`, `per_block` bytes for each block; on later tiles, nothing.
+        fn after(groups: &[u8], skip: usize, per_block: usize, t0: usize) -> Ahead {
             if t0 > 0 {
                 return Ahead::NONE;
             }
-            let skip = groups.len() + gi * group_bytes + at * stride;
             Ahead {
-                from: groups.as_ptr().wrapping_add(skip),
-                per_block: stride,
+                from: groups.as_ptr().wrapping_add(groups.len() + skip),
+                per_block,
             }
         }
 
@@ -241,7 +224,7 @@ mod x86 {
             let (b0, b1) = (g0.add(b * stride), g1.add(b * stride));
             let d = join(scales8::<FMT>(b0), scales8::<FMT>(b1));
             // The minimums (Q4_1, Q4_K), or Q6_K's scales of columns 16..32.
-            let m = if FMT == Q4_1 || FMT == Q4K {
+            let m = if with_min(FMT) {
                 join(mins8::<FMT>(b0), mins8::<FMT>(b1))
             } else if FMT == Q6K {
                 join(high_scales8(b0), high_scales8(b1))
@@ -283,7 +266,7 @@ mod x86 {
                 }
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps((*a).d));
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, *acc);
-                if FMT == Q4_1 || FMT == Q4K {
+                if with_min(FMT) {
                     *acc = _mm512_fmadd_ps(m, _mm512_set1_ps((*a).s), *acc);
                 }
             }
@@ -314,7 +297,7 @@ mod x86 {
             let block = g.add(b * stride);
             let d = scales8::<FMT>(block);
             // The minimums (Q4_1, Q4_K), or Q6_K's scales of columns 16..32.
-            let m = if FMT == Q4_1 || FMT == Q4K {
+            let m = if with_min(FMT) {
                 mins8::<FMT>(block)
             } else if FMT == Q6K {
                 high_scales8(block)
@@ -369,7 +352,7 @@ mod x86 {
                 }
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps((*a).d));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc);
-                if FMT == Q4_1 || FMT == Q4K {
+                if with_min(FMT) {
                     *acc = _mm256_fmadd_ps(m, _mm256_set1_ps((*a).s), *acc);
                 }
             }
@@ -428,11 +411,7 @@ mod x86 {
         let stride = PackedRows::stride(quant_type(FMT));
         by_tiles(tokens, |t0, k| {
             let xt = x.as_ptr().add(t0 * per_token);
-            let ahead = if t0 == 0 {
-                Ahead::after(groups, n * stride)
-            } else {
-                Ahead::NONE
-            };
+            let ahead = Ahead::after(groups, 0, n * stride, t0);
             sized!(
                 k,
                 tile_vnni::<FMT>(g0, g1, xt, per_token, per_token, ahead),
@@ -471,15 +450,7 @@ mod x86 {
                 let at = s * seg_blocks;
                 let (s0, s1) = (g0.add(at * stride), g1.add(at * stride));
                 let xt = x.as_ptr().add(t0 * per_token + at);
-                let ahead = if t0 == 0 {
-                    let next = Ahead::after(groups, n * stride);
-                    Ahead {
-                        from: next.from.wrapping_add(at * next.per_block),
-                        ..next
-                    }
-                } else {
-                    Ahead::NONE
-                };
+                let ahead = Ahead::after(groups, at * n * stride, n * stride, t0);
                 sized!(
                     k,
                     tile_vnni::<FMT>(s0, s1, xt, per_token, seg_blocks, ahead),
@@ -518,7 +489,7 @@ mod x86 {
         for (gi, g) in groups.chunks_exact(group_bytes).enumerate() {
             by_tiles(tokens, |t0, k| {
                 let xt = x.as_ptr().add(t0 * per_token);
-                let ahead = Ahead::next_group(groups, group_bytes, gi, stride, t0, 0);
+                let ahead = Ahead::after(groups, gi * group_bytes, stride, t0);
                 sized!(
                     k,
                     tile_avx2::<FMT>(g.as_ptr(), xt, per_token, per_token, ahead),
@@ -554,7 +525,8 @@ mod x86 {
                     let at = s * seg_blocks;
                     let xt = x.as_ptr().add(t0 * per_token + at);
                     let gs = g.as_ptr().add(at * stride);
-                    let ahead = Ahead::next_group(groups, group_bytes, gi, stride, t0, at);
+                    let skip = gi * group_bytes + at * stride;
+                    let ahead = Ahead::after(groups, skip, stride, t0);
                     sized!(
                         k,
                         tile_avx2::<FMT>(gs, xt, per_token, seg_blocks, ahead),
