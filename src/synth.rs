@@ -138,6 +138,8 @@ pub struct SynthRequest<'a> {
     pub quant: SynthQuant,
     pub tokenizer_from: Option<&'a Path>,
     pub seed: u64,
+    /// Keep only the first this many layers (each of the preset's shape).
+    pub layers: Option<usize>,
 }
 
 /// Writes the synthetic model to `out`; `progress(done, total)` after each tensor.
@@ -147,18 +149,26 @@ pub fn synth(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<SynthSummary> {
     let mut cfg = req.cfg.clone();
+    if let Some(layers) = req.layers {
+        if layers == 0 || layers > cfg.num_layers {
+            bail!(
+                "--layers {layers}: {} has 1 to {} layers",
+                req.name,
+                cfg.num_layers
+            );
+        }
+        cfg.num_layers = layers;
+        cfg.sliding_layers.truncate(layers);
+    }
     let arch = match cfg.architecture {
-        Architecture::Llama | Architecture::Mistral => "llama",
+        Architecture::Llama | Architecture::Mistral | Architecture::Mixtral => "llama",
         Architecture::Qwen2 => "qwen2",
         Architecture::Qwen3 => "qwen3",
-        Architecture::Phi3
-        | Architecture::Mixtral
-        | Architecture::Qwen2Moe
-        | Architecture::Qwen3Moe
-        | Architecture::Gemma2
-        | Architecture::Gemma3 => {
-            bail!("synth writes dense llama / qwen2 / qwen3 layouts only")
-        }
+        Architecture::Qwen2Moe => "qwen2moe",
+        Architecture::Qwen3Moe => "qwen3moe",
+        Architecture::Phi3 => "phi3",
+        Architecture::Gemma2 => "gemma2",
+        Architecture::Gemma3 => "gemma3",
     };
     let tokenizer = match req.tokenizer_from {
         Some(path) => copied_tokenizer(path)?,
@@ -173,7 +183,13 @@ pub fn synth(
         ("general.architecture".into(), Value::String(arch.into())),
         (
             "general.name".into(),
-            Value::String(format!("tpserve synth {} (random weights)", req.name)),
+            Value::String("tpserve synth (random weights)".into()),
+        ),
+        // Not in the name: llama.cpp changes token attributes by model name ("phi-3" needs
+        // a `</s>` token a byte-level vocabulary lacks).
+        (
+            "general.description".into(),
+            Value::String(format!("random weights in the shapes of {}", req.name)),
         ),
         (
             "general.file_type".into(),
@@ -206,7 +222,10 @@ pub fn synth(
         ),
         ("rope.scaling.factor", Value::F32(linear.unwrap_or(1.0))),
         ("vocab_size", u32_of(cfg.vocab_size)),
-    ] {
+    ]
+    .into_iter()
+    .chain(architecture_metadata(&cfg))
+    {
         metadata.push((format!("{arch}.{key}"), value));
     }
     metadata.extend(tokenizer);
@@ -238,6 +257,51 @@ pub fn synth(
     })
 }
 
+/// The `{arch}.*` keys of experts, windows and soft-caps, as llama.cpp's converter writes
+/// them (Gemma's query scale and Gemma 3's layer pattern are left for the reader to infer,
+/// as llama.cpp does).
+fn architecture_metadata(cfg: &ModelConfig) -> Vec<(&'static str, Value)> {
+    let u32_of = |v: usize| Value::U32(v as u32);
+    let mut keys = vec![];
+    if let Some(moe) = &cfg.moe {
+        keys.push(("expert_count", u32_of(moe.num_experts)));
+        keys.push(("expert_used_count", u32_of(moe.top_k)));
+        if !moe.mixtral_names {
+            keys.push((
+                "expert_feed_forward_length",
+                u32_of(moe.expert_intermediate_size),
+            ));
+        }
+        if let Some(w) = moe.shared_expert_intermediate_size {
+            keys.push(("expert_shared_feed_forward_length", u32_of(w)));
+        }
+    }
+    if let Some(w) = cfg.sliding_window {
+        keys.push(("attention.sliding_window", u32_of(w)));
+    }
+    // Gemma 3's window on five layers in six is what readers assume; another pattern is
+    // written out (newer llama.cpp reads it; that of early 2025 does not).
+    let five_in_six = (0..cfg.num_layers).map(|l| (l + 1) % 6 != 0);
+    if cfg.architecture == Architecture::Gemma3
+        && !cfg.sliding_layers.iter().copied().eq(five_in_six)
+    {
+        let flags = cfg.sliding_layers.iter().map(|&s| Value::Bool(s)).collect();
+        keys.push(("attention.sliding_window_pattern", Value::Array(flags)));
+    }
+    if let Some(local) = &cfg.local_rope {
+        keys.push(("rope.freq_base_swa", Value::F32(local.theta)));
+    }
+    for (key, cap) in [
+        ("attn_logit_softcapping", cfg.attn_softcap),
+        ("final_logit_softcapping", cfg.final_softcap),
+    ] {
+        if let Some(c) = cap {
+            keys.push((key, Value::F32(c)));
+        }
+    }
+    keys
+}
+
 /// How a tensor's bytes are made.
 #[derive(Debug, Clone)]
 enum Fill {
@@ -253,65 +317,102 @@ enum Fill {
 
 /// Every tensor of a llama.cpp model of `cfg`'s shapes, with how to fill it.
 fn tensor_list(cfg: &ModelConfig, quant: SynthQuant) -> Vec<(TensorDecl, Fill)> {
-    let matrix = |name: String, cols: usize, rows: usize| {
-        let ty = quant.tensor_type(&name);
-        (
-            TensorDecl {
-                name,
-                dims: vec![cols as u64, rows as u64],
-                ggml_type: ty.ggml_id(),
-                bytes: ty.bytes_for(rows * cols),
-            },
-            Fill::Weights(ty),
-        )
-    };
-    let vector = |name: String, len: usize, fill: Fill| {
-        (
-            TensorDecl {
-                name,
-                dims: vec![len as u64],
-                ggml_type: TensorType::F32.ggml_id(),
-                bytes: TensorType::F32.bytes_for(len),
-            },
-            fill,
-        )
-    };
-    let (h, d) = (cfg.hidden_size, cfg.head_dim);
-    let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
-    let mut t = vec![matrix("token_embd.weight".into(), h, cfg.vocab_size)];
+    let h = cfg.hidden_size;
+    let mut t = vec![matrix(
+        quant,
+        "token_embd.weight".into(),
+        &[h, cfg.vocab_size],
+    )];
     for l in 0..cfg.num_layers {
-        let name = |s: &str| format!("blk.{l}.{s}");
-        t.push(vector(name("attn_norm.weight"), h, Fill::Ones));
-        t.push(matrix(name("attn_q.weight"), h, q));
-        t.push(matrix(name("attn_k.weight"), h, kv));
-        t.push(matrix(name("attn_v.weight"), h, kv));
-        if cfg.qkv_bias {
-            t.push(vector(name("attn_q.bias"), q, Fill::SmallF32));
-            t.push(vector(name("attn_k.bias"), kv, Fill::SmallF32));
-            t.push(vector(name("attn_v.bias"), kv, Fill::SmallF32));
-        }
-        if cfg.qk_norm {
-            t.push(vector(name("attn_q_norm.weight"), d, Fill::Ones));
-            t.push(vector(name("attn_k_norm.weight"), d, Fill::Ones));
-        }
-        t.push(matrix(name("attn_output.weight"), q, h));
-        t.push(vector(name("ffn_norm.weight"), h, Fill::Ones));
-        t.push(matrix(name("ffn_gate.weight"), h, cfg.intermediate_size));
-        t.push(matrix(name("ffn_up.weight"), h, cfg.intermediate_size));
-        t.push(matrix(name("ffn_down.weight"), cfg.intermediate_size, h));
+        layer_tensors(cfg, quant, l, &mut t);
     }
     t.push(vector("output_norm.weight".into(), h, Fill::Ones));
     if let Some(factors) = rope_freq_factors(cfg) {
         t.push(vector(
             "rope_freqs.weight".into(),
-            d / 2,
+            cfg.head_dim / 2,
             Fill::Values(factors),
         ));
     }
     if !cfg.tie_word_embeddings {
-        t.push(matrix("output.weight".into(), h, cfg.vocab_size));
+        t.push(matrix(quant, "output.weight".into(), &[h, cfg.vocab_size]));
     }
     t
+}
+
+/// A weight tensor of GGUF dims `dims` (innermost first) in `quant`'s format for it.
+fn matrix(quant: SynthQuant, name: String, dims: &[usize]) -> (TensorDecl, Fill) {
+    let ty = quant.tensor_type(&name);
+    tensor(name, dims, ty, Fill::Weights(ty))
+}
+
+fn vector(name: String, len: usize, fill: Fill) -> (TensorDecl, Fill) {
+    tensor(name, &[len], TensorType::F32, fill)
+}
+
+fn tensor(name: String, dims: &[usize], ty: TensorType, fill: Fill) -> (TensorDecl, Fill) {
+    let decl = TensorDecl {
+        name,
+        dims: dims.iter().map(|&d| d as u64).collect(),
+        ggml_type: ty.ggml_id(),
+        bytes: ty.bytes_for(dims.iter().product()),
+    };
+    (decl, fill)
+}
+
+/// Layer `l`'s tensors under llama.cpp's names: Phi-3's fused qkv and gate+up, Gemma's
+/// extra norms, experts stacked per kind (the router in f32, as llama.cpp's quantizer
+/// leaves it).
+fn layer_tensors(cfg: &ModelConfig, quant: SynthQuant, l: usize, t: &mut Vec<(TensorDecl, Fill)>) {
+    let name = |s: &str| format!("blk.{l}.{s}");
+    let (h, d, ff) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+    let phi3 = cfg.architecture == Architecture::Phi3;
+    t.push(vector(name("attn_norm.weight"), h, Fill::Ones));
+    if phi3 {
+        t.push(matrix(quant, name("attn_qkv.weight"), &[h, q + 2 * kv]));
+    } else {
+        t.push(matrix(quant, name("attn_q.weight"), &[h, q]));
+        t.push(matrix(quant, name("attn_k.weight"), &[h, kv]));
+        t.push(matrix(quant, name("attn_v.weight"), &[h, kv]));
+    }
+    if cfg.qkv_bias {
+        t.push(vector(name("attn_q.bias"), q, Fill::SmallF32));
+        t.push(vector(name("attn_k.bias"), kv, Fill::SmallF32));
+        t.push(vector(name("attn_v.bias"), kv, Fill::SmallF32));
+    }
+    if cfg.qk_norm {
+        t.push(vector(name("attn_q_norm.weight"), d, Fill::Ones));
+        t.push(vector(name("attn_k_norm.weight"), d, Fill::Ones));
+    }
+    t.push(matrix(quant, name("attn_output.weight"), &[q, h]));
+    if cfg.gemma_norms {
+        t.push(vector(name("post_attention_norm.weight"), h, Fill::Ones));
+        t.push(vector(name("post_ffw_norm.weight"), h, Fill::Ones));
+    }
+    t.push(vector(name("ffn_norm.weight"), h, Fill::Ones));
+    let Some(moe) = cfg.moe.as_ref().filter(|m| m.is_sparse(l)) else {
+        if phi3 {
+            t.push(matrix(quant, name("ffn_up.weight"), &[h, 2 * ff]));
+        } else {
+            t.push(matrix(quant, name("ffn_gate.weight"), &[h, ff]));
+            t.push(matrix(quant, name("ffn_up.weight"), &[h, ff]));
+        }
+        t.push(matrix(quant, name("ffn_down.weight"), &[ff, h]));
+        return;
+    };
+    let (n, w) = (moe.num_experts, moe.expert_intermediate_size);
+    let router = name("ffn_gate_inp.weight");
+    t.push(tensor(router, &[h, n], TensorType::F32, Fill::SmallF32));
+    t.push(matrix(quant, name("ffn_gate_exps.weight"), &[h, w, n]));
+    t.push(matrix(quant, name("ffn_up_exps.weight"), &[h, w, n]));
+    t.push(matrix(quant, name("ffn_down_exps.weight"), &[w, h, n]));
+    if let Some(ws) = moe.shared_expert_intermediate_size {
+        t.push(vector(name("ffn_gate_inp_shexp.weight"), h, Fill::SmallF32));
+        t.push(matrix(quant, name("ffn_gate_shexp.weight"), &[h, ws]));
+        t.push(matrix(quant, name("ffn_up_shexp.weight"), &[h, ws]));
+        t.push(matrix(quant, name("ffn_down_shexp.weight"), &[ws, h]));
+    }
 }
 
 /// A block's f16 fields (scale, then min where the format has one) for random codes to

@@ -136,9 +136,22 @@ fn tempdir() -> std::path::PathBuf {
 #[test]
 fn synthetic_models_load_and_split_like_real_ones() {
     let dir = tempdir();
-    for fixture in ["tiny-qwen2", "tiny-llama"] {
+    let families = [
+        "tiny-gemma2",
+        "tiny-gemma3",
+        "tiny-phi3",
+        "tiny-mixtral",
+        "tiny-qwen2-moe",
+        "tiny-qwen3-moe",
+    ];
+    for fixture in ["tiny-qwen2", "tiny-llama"].into_iter().chain(families) {
         let cfg = ModelConfig::from_hf_dir(&common::fixture(fixture)).unwrap();
-        for name in ["q4_0", "q8_0", "q5_1", "bf16"] {
+        let quants: &[&str] = if families.contains(&fixture) {
+            &["q8_0"]
+        } else {
+            &["q4_0", "q8_0", "q5_1", "bf16"]
+        };
+        for &name in quants {
             let quant = SynthQuant::parse(name).unwrap();
             let path = dir.join(format!("{fixture}-{name}.gguf"));
             let req = SynthRequest {
@@ -147,6 +160,7 @@ fn synthetic_models_load_and_split_like_real_ones() {
                 quant,
                 tokenizer_from: None,
                 seed: 7,
+                layers: None,
             };
             let mut calls = 0;
             let summary = synth(&req, &path, |_, _| calls += 1).unwrap();
@@ -179,6 +193,27 @@ fn synthetic_models_load_and_split_like_real_ones() {
             assert_eq!(
                 (got.tie_word_embeddings, got.qkv_bias),
                 (cfg.tie_word_embeddings, cfg.qkv_bias)
+            );
+            // What the GGUF carries of each family (Gemma's query scale it does not).
+            assert_eq!(
+                (got.architecture, &got.moe, got.sliding_window),
+                (cfg.architecture, &cfg.moe, cfg.sliding_window),
+                "{fixture}"
+            );
+            assert_eq!(
+                (got.activation, got.qk_norm, got.gemma_norms),
+                (cfg.activation, cfg.qk_norm, cfg.gemma_norms),
+                "{fixture}"
+            );
+            assert_eq!(
+                (got.attn_softcap, got.final_softcap, &got.sliding_layers),
+                (cfg.attn_softcap, cfg.final_softcap, &cfg.sliding_layers),
+                "{fixture}"
+            );
+            assert_eq!(
+                (got.rope_of(0), got.rope_of(cfg.num_layers - 1)),
+                (cfg.rope_of(0), cfg.rope_of(cfg.num_layers - 1)),
+                "{fixture}"
             );
             // The byte-level tokenizer: one token per byte.
             let tokenizer = Tokenizer::new(files.tokenizer.as_ref().expect("a tokenizer")).unwrap();
@@ -232,6 +267,7 @@ fn quantized_model_is_exact(dir: &std::path::Path, quant: &str) {
         quant: SynthQuant::parse(quant).unwrap(),
         tokenizer_from: None,
         seed: 3,
+        layers: None,
     };
     synth(&req, &path, |_, _| {}).unwrap();
     let files = loader::open_model(&path).unwrap();

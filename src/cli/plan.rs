@@ -15,7 +15,8 @@ pub struct PlanArgs {
     #[arg(long, alias = "model-path", conflicts_with = "preset")]
     pub model: Option<PathBuf>,
     /// A named model: llama-3.2-1b, llama-3.1-8b, llama-2-13b, codellama-34b, llama-3.1-70b,
-    /// llama-3.1-405b, qwen2.5-7b, qwen2.5-72b, mistral-7b.
+    /// llama-3.1-405b, qwen2.5-7b, qwen2.5-72b, mistral-7b, gemma-2-2b, gemma-3-1b,
+    /// phi-3-mini, mixtral-8x7b, qwen1.5-moe-a2.7b, qwen3-30b-a3b.
     #[arg(long)]
     pub preset: Option<String>,
     /// Memory of one device, e.g. 24GiB, 80GB.

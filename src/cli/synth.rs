@@ -8,9 +8,14 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct SynthArgs {
-    /// The shapes to copy: llama-3.2-1b, llama-3.1-8b, qwen2.5-7b (any `plan` preset).
+    /// The shapes to copy: any `plan` preset (llama-3.2-1b, llama-3.1-8b, qwen2.5-7b,
+    /// gemma-2-2b, gemma-3-1b, phi-3-mini, mixtral-8x7b, qwen1.5-moe-a2.7b, qwen3-30b-a3b …).
     #[arg(long)]
     pub like: String,
+    /// Keep only the first N layers, each of the preset's real shape (a big MoE scaled
+    /// down to what the disk and memory hold).
+    #[arg(long)]
+    pub layers: Option<usize>,
     /// Weight format: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k … q6_k, iq4_nl, iq4_xs, the mixes
     /// q3_k_m, q4_k_m, q5_k_m (attn_v and ffn_down in Q5_K / Q6_K / Q6_K), or bf16 (norms
     /// and biases stay f32).
@@ -46,6 +51,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
         quant,
         tokenizer_from: args.tokenizer_from.as_deref(),
         seed: args.seed,
+        layers: args.layers,
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

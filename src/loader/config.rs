@@ -163,9 +163,12 @@ pub struct ModelConfig {
     /// Gemma 2: scores and final logits squashed as cap·tanh(x / cap).
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
-    /// Gemma: RMSNorm weights stored as offsets from 1, embeddings scaled by √hidden, and
-    /// a norm on the attention's and the MLP's outputs before each residual add.
+    /// Gemma: embeddings scaled by √hidden, and a norm on the attention's and the MLP's
+    /// outputs before each residual add.
     pub gemma_norms: bool,
+    /// RMSNorm weights stored as offsets from 1 (Gemma's checkpoints; llama.cpp's converter
+    /// adds the 1, so Gemma GGUFs hold the multipliers themselves).
+    pub norm_weight_offset: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -296,6 +299,7 @@ impl ModelConfig {
             attn_softcap: softcap(json, "attn_logit_softcapping"),
             final_softcap: softcap(json, "final_logit_softcapping"),
             gemma_norms: matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3),
+            norm_weight_offset: matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3),
             bos_token_id: token_ids(json.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(json.get("eos_token_id")),
         })

@@ -5,7 +5,7 @@
 //! Tensors are exposed under the Hugging Face names the model code asks for, in PyTorch
 //! dimension order (GGUF lists dimensions innermost first).
 
-use super::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use super::config::{Architecture, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
 use super::TensorSource;
 use crate::kernels::{QuantType, Storage};
 use anyhow::{anyhow, bail, Context, Result};
@@ -384,93 +384,222 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    /// The model configuration from `{arch}.*` metadata.
+    /// The model configuration from `{arch}.*` metadata, with what llama.cpp infers for
+    /// the values a GGUF does not carry (Gemma's attention scale and sliding layers).
     pub fn config(&self) -> Result<ModelConfig> {
         let arch_name = self
             .meta("general.architecture")
             .and_then(Value::as_str)
             .ok_or_else(|| anyhow!("metadata general.architecture is missing"))?;
-        let architecture = match arch_name {
-            "llama" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            "qwen3" => Architecture::Qwen3,
-            "phi3" => Architecture::Phi3,
-            other => bail!(
-                "unsupported GGUF architecture `{other}`: tpserve runs llama, qwen2, qwen3 and phi3"
+        let m = ArchMeta {
+            file: self,
+            arch: arch_name,
+        };
+        let experts = m.num("expert_count").is_ok_and(|n| n > 0);
+        let architecture = match (arch_name, experts) {
+            ("llama", false) => Architecture::Llama,
+            ("llama", true) => Architecture::Mixtral,
+            ("qwen2", false) => Architecture::Qwen2,
+            ("qwen3", false) => Architecture::Qwen3,
+            ("qwen2moe", true) => Architecture::Qwen2Moe,
+            ("qwen3moe", true) => Architecture::Qwen3Moe,
+            ("phi3", false) => Architecture::Phi3,
+            ("gemma2", false) => Architecture::Gemma2,
+            ("gemma3", false) => Architecture::Gemma3,
+            ("qwen2moe" | "qwen3moe", false) => {
+                bail!("{arch_name}.expert_count is missing or 0: a {arch_name} model needs experts")
+            }
+            (other, _) => bail!(
+                "unsupported GGUF architecture `{other}`{}: tpserve runs llama (and Mixtral's \
+                 experts), qwen2, qwen3, qwen2moe, qwen3moe, phi3, gemma2 and gemma3",
+                if experts { " with experts" } else { "" }
             ),
         };
-        let num = |key: &str| -> Result<usize> {
-            self.meta(&format!("{arch_name}.{key}"))
-                .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| anyhow!("metadata {arch_name}.{key} is missing or not a number"))
-        };
-        let float = |key: &str, default: f64| {
-            self.meta(&format!("{arch_name}.{key}"))
-                .and_then(Value::as_f64)
-                .unwrap_or(default) as f32
-        };
-        if num("expert_count").is_ok_and(|n| n > 0) {
-            bail!(
-                "this GGUF holds a mixture of experts ({arch_name}.expert_count): tpserve runs \
-                 MoE models from Hugging Face folders (Mixtral, Qwen2-MoE, Qwen3-MoE), not yet from GGUF"
-            );
-        }
-        let hidden_size = num("embedding_length")?;
-        let num_heads = num("attention.head_count")?;
-        let num_kv_heads = num("attention.head_count_kv").unwrap_or(num_heads);
+        let hidden_size = m.num("embedding_length")?;
+        let num_heads = m.num("attention.head_count")?;
+        let num_kv_heads = m.num("attention.head_count_kv").unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!("head_count ({num_heads}) must be a positive multiple of head_count_kv ({num_kv_heads})");
         }
-        let head_dim = num("attention.key_length").unwrap_or(hidden_size / num_heads);
+        let head_dim = m
+            .num("attention.key_length")
+            .unwrap_or(hidden_size / num_heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            bail!("{arch_name}.attention.key_length {head_dim} must be even and positive");
+        }
         let embed = self
             .tensors
             .get("token_embd.weight")
             .ok_or_else(|| anyhow!("the file has no tensor token_embd.weight"))?;
-        let vocab_size = embed.shape[0];
-        let token_id = |key: &str| {
-            self.meta(&format!("tokenizer.ggml.{key}"))
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-        };
-        let mut eos_token_ids: Vec<u32> = vec![];
-        for key in ["eos_token_id", "eot_token_id"] {
-            if let Some(id) = token_id(key) {
-                if !eos_token_ids.contains(&id) {
-                    eos_token_ids.push(id);
-                }
-            }
-        }
-        Ok(ModelConfig {
+        let num_layers = m.num("block_count")?;
+        let gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
+        let mut cfg = ModelConfig {
             architecture,
             hidden_size,
-            intermediate_size: num("feed_forward_length")?,
-            num_layers: num("block_count")?,
+            intermediate_size: m.num("feed_forward_length")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size,
-            rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+            vocab_size: embed.shape[0],
+            rms_norm_eps: m.float("attention.layer_norm_rms_epsilon", 1e-5),
             rope: RopeConfig {
-                theta: float("rope.freq_base", 10000.0),
+                theta: m.float("rope.freq_base", 10000.0),
                 scaling: self.rope_scaling(arch_name, head_dim)?,
             },
             local_rope: None,
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
             qkv_bias: self.tensors.contains_key("blk.0.attn_q.bias"),
             qk_norm: self.tensors.contains_key("blk.0.attn_q_norm.weight"),
-            max_position_embeddings: num("context_length").unwrap_or(4096),
-            sliding_window: num("attention.sliding_window").ok().filter(|&w| w > 0),
-            moe: None,
+            max_position_embeddings: m.num("context_length").unwrap_or(4096),
+            sliding_window: m.num("attention.sliding_window").ok().filter(|&w| w > 0),
+            moe: experts.then(|| m.moe(architecture)).transpose()?,
             sliding_layers: vec![],
             activation: super::config::Activation::Silu,
             query_scale: 1.0 / (head_dim as f32).sqrt(),
             attn_softcap: None,
             final_softcap: None,
-            gemma_norms: false,
-            bos_token_id: token_id("bos_token_id"),
-            eos_token_ids,
+            gemma_norms: gemma,
+            norm_weight_offset: false,
+            bos_token_id: self.token_id("bos_token_id"),
+            eos_token_ids: ["eos_token_id", "eot_token_id"]
+                .iter()
+                .filter_map(|k| self.token_id(k))
+                .fold(vec![], |mut ids, id| {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                    ids
+                }),
+        };
+        if gemma {
+            m.gemma(&mut cfg)?;
+        }
+        Ok(cfg)
+    }
+
+    /// A `tokenizer.ggml.*` token id.
+    fn token_id(&self, key: &str) -> Option<u32> {
+        self.meta(&format!("tokenizer.ggml.{key}"))
+            .and_then(Value::as_u64)
+            .map(|v| v as u32)
+    }
+}
+
+/// The `{arch}.*` metadata of a file.
+struct ArchMeta<'a> {
+    file: &'a GgufFile,
+    arch: &'a str,
+}
+
+impl ArchMeta<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.file.meta(&format!("{}.{key}", self.arch))
+    }
+
+    fn num(&self, key: &str) -> Result<usize> {
+        self.get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| anyhow!("metadata {}.{key} is missing or not a number", self.arch))
+    }
+
+    fn float(&self, key: &str, default: f64) -> f32 {
+        self.get(key).and_then(Value::as_f64).unwrap_or(default) as f32
+    }
+
+    /// The experts, as llama.cpp reads them: Mixtral's width is `feed_forward_length`,
+    /// Qwen's `expert_feed_forward_length`; the chosen experts' weights are renormalised
+    /// for Mixtral and Qwen3-MoE, not for Qwen2-MoE, unless `expert_weights_norm` says.
+    fn moe(&self, arch: Architecture) -> Result<MoeConfig> {
+        let num_experts = self.num("expert_count")?;
+        let top_k = self.num("expert_used_count")?;
+        if top_k == 0 || top_k > num_experts {
+            bail!(
+                "{}.expert_used_count ({top_k}) must be 1 to the {num_experts} experts",
+                self.arch
+            );
+        }
+        if let Some(f) = self.get("expert_gating_func").and_then(Value::as_u64) {
+            if f != 1 {
+                bail!(
+                    "{}.expert_gating_func {f}: tpserve routes experts by softmax (1) only",
+                    self.arch
+                );
+            }
+        }
+        let qwen = arch != Architecture::Mixtral;
+        let width = if qwen {
+            match self.num("expert_feed_forward_length") {
+                Ok(w) => w,
+                Err(_) => self.num("feed_forward_length")? / top_k,
+            }
+        } else {
+            self.num("feed_forward_length")?
+        };
+        let shared = (arch == Architecture::Qwen2Moe)
+            .then(|| {
+                self.num("expert_shared_feed_forward_length")
+                    .or_else(|_| self.num("feed_forward_length"))
+            })
+            .transpose()?;
+        Ok(MoeConfig {
+            num_experts,
+            top_k,
+            expert_intermediate_size: width,
+            norm_topk_prob: self
+                .get("expert_weights_norm")
+                .and_then(Value::as_bool)
+                .unwrap_or(arch != Architecture::Qwen2Moe),
+            shared_expert_intermediate_size: shared,
+            dense_layers: vec![],
+            mixtral_names: !qwen,
         })
+    }
+
+    /// Gemma's switches. llama.cpp's converter does not store the query scale or Gemma 3's
+    /// sliding pattern; llama.cpp infers them, and so does tpserve: 1/√head_dim, or
+    /// 1/√(hidden/heads) for the 27B models (46 layers for Gemma 2, 62 for Gemma 3);
+    /// Gemma 2's window on even layers, Gemma 3's on five layers in six (or
+    /// `attention.sliding_window_pattern`), rotating with base 10000 (or
+    /// `rope.freq_base_swa`).
+    fn gemma(&self, cfg: &mut ModelConfig) -> Result<()> {
+        let layers = cfg.num_layers;
+        let gemma2 = cfg.architecture == Architecture::Gemma2;
+        let big = if gemma2 { 46 } else { 62 };
+        let scale_dim = if layers == big {
+            cfg.hidden_size / cfg.num_heads
+        } else {
+            cfg.head_dim
+        };
+        cfg.query_scale = 1.0 / (scale_dim as f32).sqrt();
+        cfg.activation = super::config::Activation::GeluTanh;
+        if gemma2 {
+            cfg.sliding_window = Some(self.num("attention.sliding_window").unwrap_or(4096));
+            cfg.sliding_layers = (0..layers).map(|l| l % 2 == 0).collect();
+            cfg.attn_softcap = Some(self.float("attn_logit_softcapping", 50.0));
+            cfg.final_softcap = Some(self.float("final_logit_softcapping", 30.0));
+            return Ok(());
+        }
+        cfg.sliding_layers = match self.get("attention.sliding_window_pattern") {
+            None => (0..layers).map(|l| (l + 1) % 6 != 0).collect(),
+            Some(Value::Array(flags)) if flags.len() == layers => flags
+                .iter()
+                .map(|f| f.as_bool().or(f.as_u64().map(|v| v != 0)).unwrap_or(false))
+                .collect(),
+            Some(v) => match v.as_u64() {
+                Some(p) if p > 0 => (0..layers).map(|l| (l + 1) % p as usize != 0).collect(),
+                _ => bail!(
+                    "{}.attention.sliding_window_pattern {v:?} is neither a period nor one flag per layer",
+                    self.arch
+                ),
+            },
+        };
+        cfg.local_rope = Some(RopeConfig {
+            theta: self.float("rope.freq_base_swa", 10000.0),
+            scaling: None,
+        });
+        Ok(())
     }
 }
 
@@ -523,8 +652,10 @@ impl GgufFile {
     }
 }
 
-/// The GGUF name of a Hugging Face tensor name.
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// The GGUF name of a Hugging Face tensor name. Gemma's norms have names of their own
+/// (its `post_attention_layernorm` follows the attention, and `pre_feedforward_layernorm`
+/// is the MLP's input norm, which other families call `post_attention_layernorm`).
+pub fn gguf_name(hf: &str, gemma: bool) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -538,6 +669,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let (module, suffix) = rest.rsplit_once('.')?;
     let short = match module {
+        "post_attention_layernorm" if gemma => "post_attention_norm",
+        "pre_feedforward_layernorm" if gemma => "ffn_norm",
+        "post_feedforward_layernorm" if gemma => "post_ffw_norm",
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
         "self_attn.q_proj" => "attn_q",
@@ -552,9 +686,33 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         // Phi-3 keeps gate and up fused, under ffn_up.
         "mlp.gate_up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        "mlp.gate" | "block_sparse_moe.gate" => "ffn_gate_inp",
+        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
+        "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
         _ => return None,
     };
     Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+/// An expert's Hugging Face tensor name → the GGUF tensor that stacks all experts of its
+/// kind (`[experts, rows, cols]`), and the expert's index in it.
+pub fn gguf_expert(hf: &str) -> Option<(String, usize)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let rest = rest
+        .strip_prefix("mlp.experts.")
+        .or_else(|| rest.strip_prefix("block_sparse_moe.experts."))?;
+    let (expert, rest) = rest.split_once('.')?;
+    let (which, suffix) = rest.split_once('.')?;
+    let kind = match which {
+        "gate_proj" | "w1" => "ffn_gate_exps",
+        "up_proj" | "w3" => "ffn_up_exps",
+        "down_proj" | "w2" => "ffn_down_exps",
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{kind}.{suffix}"), expert.parse().ok()?))
 }
 
 /// A GGUF file as a [`TensorSource`] under Hugging Face names.
@@ -564,21 +722,52 @@ pub struct GgufSource {
     /// rotary pairs element i with i + d/2 (as transformers does), so those rows are read
     /// back in Hugging Face order. `Some(head_dim)` when this applies.
     unpermute_qk: Option<usize>,
+    gemma: bool,
 }
 
 impl GgufSource {
     pub fn new(file: GgufFile, cfg: &ModelConfig) -> Self {
-        let unpermute_qk = (cfg.architecture == Architecture::Llama).then_some(cfg.head_dim);
-        GgufSource { file, unpermute_qk }
+        let llama = matches!(
+            cfg.architecture,
+            Architecture::Llama | Architecture::Mixtral
+        );
+        GgufSource {
+            file,
+            unpermute_qk: llama.then_some(cfg.head_dim),
+            gemma: cfg.gemma_norms,
+        }
     }
 
     pub fn file(&self) -> &GgufFile {
         &self.file
     }
 
-    fn info(&self, hf: &str) -> Option<(&TensorInfo, String)> {
-        let name = gguf_name(hf)?;
-        self.file.tensors.get(&name).map(|t| (t, name))
+    /// The tensor behind a Hugging Face name, and its GGUF name: one expert of a stacked
+    /// experts tensor is a tensor of its own, and Qwen2-MoE's one-row shared-expert gate
+    /// (a vector in the file) reads as the `[1, hidden]` matrix it is.
+    fn info(&self, hf: &str) -> Option<(TensorInfo, String)> {
+        if let Some((name, expert)) = gguf_expert(hf) {
+            let t = self.file.tensors.get(&name)?;
+            let [n, rows, cols] = t.shape[..] else {
+                return None;
+            };
+            if expert >= n {
+                return None;
+            }
+            let bytes = t.ty.bytes_for(rows * cols);
+            let view = TensorInfo {
+                ty: t.ty,
+                shape: vec![rows, cols],
+                start: t.start + expert * bytes,
+            };
+            return Some((view, format!("{name}[{expert}]")));
+        }
+        let name = gguf_name(hf, self.gemma)?;
+        let mut t = self.file.tensors.get(&name)?.clone();
+        if name.ends_with("ffn_gate_inp_shexp.weight") && t.shape.len() == 1 {
+            t.shape.insert(0, 1);
+        }
+        Some((t, name))
     }
 
     /// The file row holding Hugging Face row `r` of tensor `gguf`.
@@ -761,5 +950,111 @@ impl GgufTokenizer {
             tokens,
             token_types,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::gguf_write::{write_gguf, TensorDecl};
+
+    /// The config of a weightless file of architecture `arch` with `layers` layers and
+    /// heads 32 wide (hidden 64 / 4 heads would be 16), plus `extra` `{arch}.*` keys.
+    fn config_of(arch: &str, layers: u32, extra: &[(&str, Value)]) -> Result<ModelConfig> {
+        let mut meta = vec![(
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        )];
+        let base = [
+            ("embedding_length", Value::U32(64)),
+            ("feed_forward_length", Value::U32(128)),
+            ("block_count", Value::U32(layers)),
+            ("attention.head_count", Value::U32(4)),
+            ("attention.key_length", Value::U32(32)),
+        ];
+        for (k, v) in base.iter().chain(extra) {
+            meta.push((format!("{arch}.{k}"), v.clone()));
+        }
+        let embed = TensorDecl {
+            name: "token_embd.weight".into(),
+            dims: vec![64, 8],
+            ggml_type: 0,
+            bytes: 64 * 8 * 4,
+        };
+        let dir = std::env::temp_dir().join(format!("tpserve-gguf-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{arch}-{layers}-{}.gguf", extra.len()));
+        write_gguf(&path, &meta, &[embed], |_, _| Ok(()), |_| {})?;
+        let cfg = GgufFile::open(&path)?.config();
+        let _ = std::fs::remove_file(&path);
+        cfg
+    }
+
+    /// What llama.cpp infers for Gemma GGUFs, which carry no query scale and (Gemma 3)
+    /// no layer pattern: 1/√head_dim except for the 27B models (1/√(hidden/heads)),
+    /// Gemma 2's window of 4096 on even layers with caps 50 and 30, Gemma 3's window on
+    /// five layers in six rotating with base 10000.
+    #[test]
+    fn gemma_settings_llama_cpp_infers() {
+        let scale = |d: f32| 1.0 / d.sqrt();
+        let g2 = config_of("gemma2", 4, &[]).unwrap();
+        assert_eq!(g2.query_scale, scale(32.0));
+        assert_eq!(g2.sliding_window, Some(4096));
+        assert_eq!(g2.sliding_layers, [true, false, true, false]);
+        assert_eq!(
+            (g2.attn_softcap, g2.final_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(
+            config_of("gemma2", 46, &[]).unwrap().query_scale,
+            scale(16.0)
+        );
+        let window = [("attention.sliding_window", Value::U32(512))];
+        let g3 = config_of("gemma3", 12, &window).unwrap();
+        let globals: Vec<usize> = (0..12).filter(|&l| g3.window_of(l).is_none()).collect();
+        assert_eq!(globals, [5, 11]);
+        assert_eq!(g3.rope_of(0).theta, 10000.0);
+        assert_eq!(g3.query_scale, scale(32.0));
+        assert!(g3.attn_softcap.is_none() && g3.gemma_norms && !g3.norm_weight_offset);
+        assert_eq!(
+            config_of("gemma3", 62, &window).unwrap().query_scale,
+            scale(16.0)
+        );
+        let period = [("attention.sliding_window_pattern", Value::U32(3))];
+        let g3 = config_of("gemma3", 6, &period).unwrap();
+        assert_eq!(g3.sliding_layers, [true, true, false, true, true, false]);
+    }
+
+    /// Experts are read as llama.cpp reads them, and what tpserve cannot route is refused.
+    #[test]
+    fn experts_from_metadata() {
+        let experts = [
+            ("expert_count", Value::U32(8)),
+            ("expert_used_count", Value::U32(2)),
+        ];
+        let mixtral = config_of("llama", 2, &experts).unwrap();
+        let moe = mixtral.moe.unwrap();
+        assert_eq!(mixtral.architecture, Architecture::Mixtral);
+        assert_eq!(
+            (moe.expert_intermediate_size, moe.norm_topk_prob),
+            (128, true)
+        );
+        let qwen2 = config_of("qwen2moe", 2, &experts).unwrap().moe.unwrap();
+        assert_eq!(
+            (qwen2.expert_intermediate_size, qwen2.norm_topk_prob),
+            (64, false)
+        );
+        assert_eq!(qwen2.shared_expert_intermediate_size, Some(128));
+        let err = |arch: &str, extra: &[(&str, Value)]| {
+            config_of(arch, 2, extra).unwrap_err().to_string()
+        };
+        assert!(err("qwen3moe", &[]).contains("expert_count"));
+        let sigmoid = [
+            experts[0].clone(),
+            experts[1].clone(),
+            ("expert_gating_func", Value::U32(2)),
+        ];
+        assert!(err("qwen3moe", &sigmoid).contains("expert_gating_func"));
+        assert!(err("gptneox", &[]).contains("gptneox"));
     }
 }

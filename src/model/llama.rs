@@ -218,6 +218,13 @@ impl ShardPlan {
                 let split = |width: usize, name: &str| {
                     Partition::aligned(width, tp, block(name), name).map(|p| p.range(rank))
                 };
+                let l = (0..cfg.num_layers).find(|&l| m.is_sparse(l)).unwrap_or(0);
+                let expert_down = if m.mixtral_names {
+                    format!("model.layers.{l}.block_sparse_moe.experts.0.w2.weight")
+                } else {
+                    format!("model.layers.{l}.mlp.experts.0.down_proj.weight")
+                };
+                let shared_down = format!("model.layers.{l}.mlp.shared_expert.down_proj.weight");
                 let width = m.expert_intermediate_size;
                 Ok::<_, anyhow::Error>(ExpertShard {
                     owned: match ep_size {
@@ -225,11 +232,11 @@ impl ShardPlan {
                         _ => Partition::even(m.num_experts, tp).range(rank),
                     },
                     expert: match ep_size {
-                        1 => split(width, "each expert's down projection")?,
+                        1 => split(width, &expert_down)?,
                         _ => 0..width,
                     },
                     shared: match m.shared_expert_intermediate_size {
-                        Some(w) => split(w, "the shared expert's down projection")?,
+                        Some(w) => split(w, &shared_down)?,
                         None => 0..0,
                     },
                 })
@@ -376,11 +383,11 @@ impl Model {
         for l in stage.layers.clone() {
             let p = format!("model.layers.{l}");
             let attn = format!("{p}.self_attn");
-            // Gemma's norms are offsets from 1.
+            // Gemma's checkpoints store norms as offsets from 1.
             let qk_norm = |which: &str| -> Result<Option<RmsNorm>> {
                 let load = || {
                     let n = RmsNorm::load(src, &format!("{attn}.{which}.weight"), d, eps)?;
-                    Ok(if cfg.gemma_norms {
+                    Ok(if cfg.norm_weight_offset {
                         n.with_unit_offset()
                     } else {
                         n
@@ -390,7 +397,7 @@ impl Model {
             };
             let norm = |name: &str| -> Result<RmsNorm> {
                 let n = RmsNorm::load(src, &format!("{p}.{name}.weight"), hidden, eps)?;
-                Ok(if cfg.gemma_norms {
+                Ok(if cfg.norm_weight_offset {
                     n.with_unit_offset()
                 } else {
                     n
@@ -430,7 +437,7 @@ impl Model {
         }
         let norm = || -> Result<RmsNorm> {
             let n = RmsNorm::load(src, "model.norm.weight", hidden, eps)?;
-            Ok(if cfg.gemma_norms {
+            Ok(if cfg.norm_weight_offset {
                 n.with_unit_offset()
             } else {
                 n

@@ -43,6 +43,21 @@ pub const PRESETS: &[(&str, &str)] = &[
         include_str!("../../presets/qwen2.5-72b.json"),
     ),
     ("mistral-7b", include_str!("../../presets/mistral-7b.json")),
+    ("gemma-2-2b", include_str!("../../presets/gemma-2-2b.json")),
+    ("gemma-3-1b", include_str!("../../presets/gemma-3-1b.json")),
+    ("phi-3-mini", include_str!("../../presets/phi-3-mini.json")),
+    (
+        "mixtral-8x7b",
+        include_str!("../../presets/mixtral-8x7b.json"),
+    ),
+    (
+        "qwen1.5-moe-a2.7b",
+        include_str!("../../presets/qwen1.5-moe-a2.7b.json"),
+    ),
+    (
+        "qwen3-30b-a3b",
+        include_str!("../../presets/qwen3-30b-a3b.json"),
+    ),
 ];
 
 pub fn preset(name: &str) -> Result<ModelConfig> {
