@@ -241,7 +241,7 @@ fn synthetic_models_load_and_split_like_real_ones() {
 
 /// Synthetic models in every block format tpserve reads (Q4_K_M: Q4_K matrices with
 /// attn_v and ffn_down in Q6_K, so the fused q/k/v rows mix formats; Q5_0 and IQ4_NL
-/// re-encoded as Q8_0; Q5_1 on f32 rows): each loads, tp 2 and tp 4 give tp 1's logits
+/// re-encoded as Q8_0; Q5_1 regrouped with byte codes): each loads, tp 2 and tp 4 give tp 1's logits
 /// bit for bit, and a sequence decoded alone gives the logits it gets among 12 others
 /// (the kernels take one token or a tile of several, with the same bits).
 #[test]

@@ -21,7 +21,7 @@ pub const ROW_ALIGN: usize = GROUP;
 
 /// Which kernels a product's tokens take. The choice follows the tokens' role, never how
 /// many share a step, so a sequence computes the same numbers alone or in any batch.
-/// Q4_0/Q4_1/Q8_0 rows take their grouped integer kernels in both phases (as llama.cpp,
+/// Q4_0/Q4_1/Q5_1/Q8_0 rows take their grouped integer kernels in both phases (as llama.cpp,
 /// prompt activations are quantized to 8 bits too); the phase picks the kernels of the
 /// other formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub enum Storage {
     F16(Vec<f16>),
     /// GGUF blocks, row after row; every row is a whole number of blocks.
     Quant(QuantType, Vec<u8>),
-    /// Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K rows regrouped ([`PackedRows`]); what
+    /// Q4_0 / Q4_1 / Q5_1 / Q8_0 / Q4_K / Q6_K rows regrouped ([`PackedRows`]); what
     /// [`Matrix::new`] makes of those formats.
     Packed(PackedRows),
 }
@@ -149,7 +149,7 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// A matrix over `storage`; Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks (and those that re-encode
+    /// A matrix over `storage`; Q4_0, Q4_1, Q5_1, Q8_0, Q4_K and Q6_K blocks (and those that re-encode
     /// as Q8_0) are regrouped ([`PackedRows`]).
     pub fn new(rows: usize, cols: usize, storage: Storage) -> Self {
         assert_eq!(
@@ -198,7 +198,7 @@ impl Matrix {
             Storage::F16(w) => self.matmul_with(w, dot_f16_fns(), x, tokens, y, threads),
             Storage::Quant(t, w) => match kdot_fn(*t, Isa::detect()) {
                 Some(kdot) => self.matmul_quant(*t, w, kdot, x, tokens, y, threads),
-                // Q5_1: rows dequantized to f32, as for prompts.
+                // (Every 32-weight format is regrouped; this is for safety's sake.)
                 None => self.matmul_panels(x, tokens, y, threads),
             },
             Storage::Packed(p) => {

@@ -1,4 +1,4 @@
-//! Decode layout for Q4_0, Q4_1 and Q8_0 weights: rows interleaved in groups of eight
+//! Decode layout for Q4_0, Q4_1, Q5_1 and Q8_0 weights: rows interleaved in groups of eight
 //! (llama.cpp's "repacking"), so that one 8-lane integer dot product serves eight rows.
 //!
 //! Row-major blocks make a kernel reduce the lanes of every row and block horizontally;
@@ -7,18 +7,18 @@
 //! Decode then reads weights as fast as memory delivers them.
 //!
 //! Per group of eight rows and per block of 32 columns, `stride` bytes:
-//! - the eight rows' f16 scales (16 bytes); for Q4_1, then the eight f16 minimums;
+//! - the eight rows' f16 scales (16 bytes); for Q4_1 and Q5_1, then the eight f16 minimums;
 //!   Q4_K's 32-weight groups as the eight f32 products `d·scale` and the eight f32
 //!   `−dmin·min` (each exact in f32), so Q4_K runs as Q4_1 does, in 4/3 of its file size;
 //!   Q6_K's as the eight f32 `d·scale` of columns 0..16, then the eight of 16..32 (Q6_K
 //!   has a scale per 16 weights), with byte codes as Q8_0's (1.5× its file size);
-//! - the weights as unsigned codes (Q4: `q`, 0..15; Q8_0: `q + 128`; Q6_K: `q + 32`,
-//!   0..63), in steps of four
+//! - the weights as unsigned codes (Q4: `q`, 0..15; Q5_1: `q`, 0..31, one a byte, 1.5× its
+//!   file size; Q8_0: `q + 128`; Q6_K: `q + 32`, 0..63), in steps of four
 //!   columns: step `s` holds columns `4s..4s+4` of row `r` at bytes `4r..4r+4` of a 32-byte
-//!   vector. Q8_0 stores the eight steps one after the other; Q4 packs step `2i` in the low
+//!   vector. Byte codes store the eight steps one after the other; Q4 packs step `2i` in the low
 //!   and step `2i + 1` in the high nibbles of vector `i`.
 //!
-//! A row's dot product is Σ_blocks d_w·d_x·(Σ code·x − offset·Σx) (+ m_w·s_x for Q4_1, Q4_K),
+//! A row's dot product is Σ_blocks d_w·d_x·(Σ code·x − offset·Σx) (+ m_w·s_x with a minimum),
 //! each block's integer sum exact, accumulated with one fused multiply-add per block in
 //! block order (Q6_K: one per half block, the first half first); the scalar twin does
 //! exactly that, so every ISA gives the same bits.
@@ -26,7 +26,7 @@
 use super::buffer::LargeBuffer;
 use super::fixed::to_fixed;
 use super::qdot::{BlockQ8, Isa};
-use super::quant::{f16_at, q4_k_scale_min, QuantType};
+use super::quant::{f16_at, q4_k_scale_min, q5_codes, QuantType};
 
 /// Rows per group.
 pub const GROUP: usize = 8;
@@ -51,7 +51,7 @@ pub type PackedDotFixedFn = fn(&[u8], &[BlockQ8], usize, &mut [i64; GROUP]);
 /// Bytes of the scale header of one block of a group.
 pub(crate) fn header_bytes(ty: QuantType) -> usize {
     match ty {
-        QuantType::Q4_1 => 32,
+        QuantType::Q4_1 | QuantType::Q5_1 => 32,
         QuantType::Q4K | QuantType::Q6K => 64,
         _ => 16,
     }
@@ -59,7 +59,7 @@ pub(crate) fn header_bytes(ty: QuantType) -> usize {
 
 /// Whether blocks carry a minimum per row (weight = d·code + m).
 pub(crate) const fn has_min(ty: QuantType) -> bool {
-    matches!(ty, QuantType::Q4_1 | QuantType::Q4K)
+    matches!(ty, QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K)
 }
 
 /// Row `r`'s scales (of columns 0..16 and 16..32, the same but for Q6_K) and minimum in a
@@ -69,7 +69,7 @@ fn row_scales(ty: QuantType, block: &[u8], r: usize) -> (f32, f32, f32) {
     match ty {
         QuantType::Q4K => (f32_at(4 * r), f32_at(4 * r), f32_at(32 + 4 * r)),
         QuantType::Q6K => (f32_at(4 * r), f32_at(32 + 4 * r), 0.0),
-        QuantType::Q4_1 => {
+        QuantType::Q4_1 | QuantType::Q5_1 => {
             let d = f16_at(block, 2 * r);
             (d, d, f16_at(block, 16 + 2 * r))
         }
@@ -77,7 +77,7 @@ fn row_scales(ty: QuantType, block: &[u8], r: usize) -> (f32, f32, f32) {
     }
 }
 
-/// What the codes are offset by: weight = d · (code − offset) (+ m for Q4_1).
+/// What the codes are offset by: weight = d · (code − offset) (+ m with a minimum).
 pub(crate) fn code_offset(ty: QuantType) -> i32 {
     match ty {
         QuantType::Q4_0 => 8,
@@ -91,7 +91,7 @@ impl PackedRows {
     /// Whether `ty` has the grouped layout.
     pub fn supports(ty: QuantType) -> bool {
         use QuantType::*;
-        matches!(ty, Q4_0 | Q4_1 | Q8_0 | Q4K | Q6K)
+        matches!(ty, Q4_0 | Q4_1 | Q5_1 | Q8_0 | Q4K | Q6K)
     }
 
     /// Whether a `rows`-row matrix of `ty` is regrouped: the K formats only when their
@@ -106,6 +106,7 @@ impl PackedRows {
         match ty {
             QuantType::Q4K => GROUP * 24,
             QuantType::Q6K => GROUP * 40,
+            QuantType::Q5_1 => GROUP * 36,
             _ => GROUP * ty.block_bytes(),
         }
     }
@@ -144,7 +145,7 @@ impl PackedRows {
                 } else {
                     let src = &row[b * bb..(b + 1) * bb];
                     dst[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
-                    if ty == QuantType::Q4_1 {
+                    if has_min(ty) {
                         dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&src[2..4]);
                     }
                     block_codes(ty, src)
@@ -202,13 +203,21 @@ impl PackedRows {
             for (b, dst) in row.chunks_exact_mut(bb).enumerate() {
                 let block = &group[b * stride..(b + 1) * stride];
                 dst[0..2].copy_from_slice(&block[2 * r..2 * r + 2]);
-                if ty == QuantType::Q4_1 {
+                if has_min(ty) {
                     dst[2..4].copy_from_slice(&block[16 + 2 * r..16 + 2 * r + 2]);
                 }
                 let q = &block[header..];
                 if ty == QuantType::Q8_0 {
                     for i in 0..32 {
                         dst[2 + i] = (code_at(ty, q, r, i) as i16 - 128) as i8 as u8;
+                    }
+                } else if ty == QuantType::Q5_1 {
+                    let high =
+                        (0..32).fold(0u32, |h, i| h | ((code_at(ty, q, r, i) >> 4) as u32) << i);
+                    dst[4..8].copy_from_slice(&high.to_le_bytes());
+                    for (i, byte) in dst[8..24].iter_mut().enumerate() {
+                        *byte =
+                            code_at(ty, q, r, i) & 0x0f | (code_at(ty, q, r, i + 16) & 0x0f) << 4;
                     }
                 } else {
                     for (i, byte) in dst[bb - 16..].iter_mut().enumerate() {
@@ -315,6 +324,7 @@ fn block_codes(ty: QuantType, block: &[u8]) -> [u8; 32] {
                 *c = (q as i8 as i16 + 128) as u8;
             }
         }
+        QuantType::Q5_1 => codes = q5_codes(&block[4..8], &block[8..24]),
         _ => {
             let qs = &block[block.len() - 16..];
             for i in 0..16 {
@@ -328,7 +338,7 @@ fn block_codes(ty: QuantType, block: &[u8]) -> [u8; 32] {
 
 /// Whether codes are bytes (else nibbles).
 pub(crate) fn byte_codes(ty: QuantType) -> bool {
-    matches!(ty, QuantType::Q8_0 | QuantType::Q6K)
+    matches!(ty, QuantType::Q8_0 | QuantType::Q5_1 | QuantType::Q6K)
 }
 
 /// Code of column `i` of row `r` in a block's code bytes `q`.
@@ -370,7 +380,7 @@ pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        use x86::{Q4K, Q4_0, Q4_1, Q6K, Q8_0};
+        use x86::{Q4K, Q4_0, Q4_1, Q5_1, Q6K, Q8_0};
         match (ty, isa) {
             (QuantType::Q6K, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q6K),
             (QuantType::Q6K, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q6K),
@@ -378,9 +388,11 @@ pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
             (QuantType::Q4K, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q4K),
             (QuantType::Q4_0, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4_0),
             (QuantType::Q4_1, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q4_1),
+            (QuantType::Q5_1, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q5_1),
             (QuantType::Q8_0, Isa::Avx2) => return simd!(dot_avx2, dot_fixed_avx2, Q8_0),
             (QuantType::Q4_0, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q4_0),
             (QuantType::Q4_1, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q4_1),
+            (QuantType::Q5_1, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q5_1),
             (QuantType::Q8_0, Isa::Avx512Vnni) => return simd!(dot_vnni, dot_fixed_vnni, Q8_0),
             _ => {}
         }
@@ -388,6 +400,7 @@ pub fn packed_fns(ty: QuantType, isa: Isa) -> (PackedDotFn, PackedDotFixedFn) {
     match ty {
         QuantType::Q4_0 => twin!(QuantType::Q4_0),
         QuantType::Q4_1 => twin!(QuantType::Q4_1),
+        QuantType::Q5_1 => twin!(QuantType::Q5_1),
         QuantType::Q8_0 => twin!(QuantType::Q8_0),
         QuantType::Q4K => twin!(QuantType::Q4K),
         QuantType::Q6K => twin!(QuantType::Q6K),
@@ -471,11 +484,13 @@ pub(crate) mod x86 {
     pub const Q8_0: u8 = 2;
     pub const Q4K: u8 = 3;
     pub const Q6K: u8 = 4;
+    pub const Q5_1: u8 = 5;
 
     pub(crate) const fn quant_type(fmt: u8) -> QuantType {
         match fmt {
             Q4_0 => QuantType::Q4_0,
             Q4_1 => QuantType::Q4_1,
+            Q5_1 => QuantType::Q5_1,
             Q4K => QuantType::Q4K,
             Q6K => QuantType::Q6K,
             _ => QuantType::Q8_0,
@@ -485,6 +500,11 @@ pub(crate) mod x86 {
     /// [`super::has_min`] of a kernel's format.
     pub(crate) const fn with_min(fmt: u8) -> bool {
         super::has_min(quant_type(fmt))
+    }
+
+    /// Whether a kernel's format stores a byte per code (see [`super::byte_codes`]).
+    pub(crate) const fn with_byte_codes(fmt: u8) -> bool {
+        matches!(fmt, Q8_0 | Q5_1 | Q6K)
     }
 
     /// Q6_K's scales of columns 16..32 of a block (after those of 0..16).
@@ -503,7 +523,7 @@ pub(crate) mod x86 {
         }
     }
 
-    /// The eight rows' minimums of a block (Q4_1, Q4_K).
+    /// The eight rows' minimums of a block (Q4_1, Q5_1, Q4_K).
     #[inline(always)]
     pub(crate) unsafe fn mins8<const FMT: u8>(block: *const u8) -> __m256 {
         if FMT == Q4K {
@@ -537,6 +557,14 @@ pub(crate) mod x86 {
             }
             let signed = _mm256_add_epi32(acc[0], acc[1]);
             return _mm256_add_epi32(signed, _mm256_set1_epi32(128 * a.sum));
+        }
+        if FMT == Q5_1 {
+            // Codes below 32: no 16-bit overflow.
+            for s in 0..8 {
+                let w = _mm256_loadu_si256(q.add(32 * s) as *const __m256i);
+                acc[s % 2] = _mm256_add_epi32(acc[s % 2], dot(w, step_x(a, s)));
+            }
+            return _mm256_add_epi32(acc[0], acc[1]);
         }
         let mask = _mm256_set1_epi8(0x0f);
         for i in 0..4 {
@@ -578,7 +606,7 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     unsafe fn block_sums_vnni<const FMT: u8>(q: *const u8, a: &BlockQ8) -> __m256i {
         let mut acc = [_mm256_setzero_si256(); 2];
-        if FMT == Q8_0 {
+        if FMT == Q8_0 || FMT == Q5_1 {
             for s in 0..8 {
                 let w = _mm256_loadu_si256(q.add(32 * s) as *const __m256i);
                 acc[s % 2] = _mm256_dpbusd_epi32(acc[s % 2], w, step_x(a, s));
@@ -717,9 +745,10 @@ pub(crate) mod tests {
         data
     }
 
-    const TYPES: [QuantType; 5] = [
+    const TYPES: [QuantType; 6] = [
         QuantType::Q4_0,
         QuantType::Q4_1,
+        QuantType::Q5_1,
         QuantType::Q8_0,
         QuantType::Q4K,
         QuantType::Q6K,

@@ -160,7 +160,7 @@ fn dequantize_q4_1(b: &[u8], y: &mut [f32]) {
 
 /// The 5-bit codes of a Q5_0 / Q5_1 block: 16 bytes of low nibbles (weights 0..16 low,
 /// 16..32 high) and 32 fifth bits in a little-endian u32.
-fn q5_codes(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+pub(crate) fn q5_codes(qh: &[u8], qs: &[u8]) -> [u8; 32] {
     let high = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
     let mut q = [0u8; 32];
     for (j, &b) in qs.iter().enumerate() {

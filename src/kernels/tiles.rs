@@ -76,7 +76,7 @@ pub fn tile_fns(ty: QuantType, isa: Isa) -> (TileDotFn, TileDotFixedFn) {
             }
         };
     }
-    pick!(Q4_0, Q4_1, Q8_0, Q4K, Q6K)
+    pick!(Q4_0, Q4_1, Q5_1, Q8_0, Q4K, Q6K)
 }
 
 /// The scalar twins: the one-token twin of [`super::packed`], group by group, token by token.
@@ -136,7 +136,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub(crate) use crate::kernels::packed::x86::{
-        high_scales8, mins8, quant_type, scales8, with_min, Q4K, Q4_0, Q4_1, Q6K, Q8_0,
+        high_scales8, mins8, quant_type, scales8, with_byte_codes, with_min, Q4K, Q4_0, Q4_1, Q5_1,
+        Q6K, Q8_0,
     };
 
     /// Tokens a tile holds: one accumulator register each.
@@ -223,7 +224,7 @@ mod x86 {
             ahead.block(b);
             let (b0, b1) = (g0.add(b * stride), g1.add(b * stride));
             let d = join(scales8::<FMT>(b0), scales8::<FMT>(b1));
-            // The minimums (Q4_1, Q4_K), or Q6_K's scales of columns 16..32.
+            // The minimums (Q4_1, Q5_1, Q4_K), or Q6_K's scales of columns 16..32.
             let m = if with_min(FMT) {
                 join(mins8::<FMT>(b0), mins8::<FMT>(b1))
             } else if FMT == Q6K {
@@ -232,7 +233,7 @@ mod x86 {
                 d
             };
             let mut w = [_mm512_setzero_si512(); 8];
-            if FMT == Q8_0 || FMT == Q6K {
+            if with_byte_codes(FMT) {
                 for (s, w) in w.iter_mut().enumerate() {
                     *w = pair(b0.add(header + 32 * s), b1.add(header + 32 * s));
                 }
@@ -296,7 +297,7 @@ mod x86 {
             ahead.block(b);
             let block = g.add(b * stride);
             let d = scales8::<FMT>(block);
-            // The minimums (Q4_1, Q4_K), or Q6_K's scales of columns 16..32.
+            // The minimums (Q4_1, Q5_1, Q4_K), or Q6_K's scales of columns 16..32.
             let m = if with_min(FMT) {
                 mins8::<FMT>(block)
             } else if FMT == Q6K {
@@ -310,7 +311,7 @@ mod x86 {
                 for (s, w) in w.iter_mut().enumerate() {
                     *w = _mm256_xor_si256(load(s), flip);
                 }
-            } else if FMT == Q6K {
+            } else if with_byte_codes(FMT) {
                 for (s, w) in w.iter_mut().enumerate() {
                     *w = load(s);
                 }
@@ -565,6 +566,7 @@ mod tests {
         for ty in [
             QuantType::Q4_0,
             QuantType::Q4_1,
+            QuantType::Q5_1,
             QuantType::Q8_0,
             QuantType::Q4K,
             QuantType::Q6K,
