@@ -6,8 +6,7 @@
 //! the block and its scales once for all the tokens, add each group's products in one
 //! transposing sum, and apply the scales to eight groups at once, in the scalar twins'
 //! order: every token's values have the twins' bits, alone or with others.
-//! Scalar twins for every format; AVX2 and AVX-512 VNNI versions for Q4_K, Q5_K and Q6_K
-//! (the others run their twins).
+//! Scalar twins for every format, and AVX2 and AVX-512 VNNI versions of each.
 
 use super::qdot::{BlockQ8, Isa};
 use super::quant::{f16_at, iq4_xs_scale, q3_k_scales, q4_k_scale_min, QuantType, IQ4_LEVELS};
@@ -27,9 +26,7 @@ pub type KDotFn = fn(
 pub mod scalar {
     use super::{f16_at, iq4_xs_scale, q3_k_scales, q4_k_scale_min, BlockQ8, IQ4_LEVELS};
 
-    /// A one-token twin over several tokens, one after another (inlined, so that a
-    /// build of it for a wider instruction set vectorises the twin's own code).
-    #[inline(always)]
+    /// A one-token twin over several tokens, one after another.
     pub fn tokens(
         one: impl Fn(&[u8], &[BlockQ8], &mut [f32; 8]),
         (b, x, per_token, tokens): (&[u8], &[BlockQ8], usize, usize),
@@ -92,7 +89,6 @@ pub mod scalar {
 
     /// Group g = 4h + k: halves with 4-bit scales and mins (byte 8h + 2k + half):
     /// d_x·(d·(sa·Σa + sb·Σb) − dmin·(ma·xa + mb·xb)), the sums in integers.
-    #[inline(always)]
     pub fn q2_k(b: &[u8], x: &[BlockQ8], out: &mut [f32; 8]) {
         let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
         for (g, o) in out.iter_mut().enumerate() {
@@ -108,7 +104,6 @@ pub mod scalar {
 
     /// Group g = 4h + k: codes q − (high bit ? 0 : 4) in halves with signed 6-bit scales:
     /// d·d_x·(sa·Σa + sb·Σb).
-    #[inline(always)]
     pub fn q3_k(b: &[u8], x: &[BlockQ8], out: &mut [f32; 8]) {
         let d = f16_at(b, 108);
         let scales = q3_k_scales(&b[96..108]);
@@ -184,9 +179,12 @@ pub fn kdot_fn(ty: QuantType, isa: Isa) -> Option<KDotFn> {
             (Q4K, Isa::Avx512Vnni) => simd!(q4_k_vnni),
             (Q5K, Isa::Avx512Vnni) => simd!(q5_k_vnni),
             (Q6K, Isa::Avx512Vnni) => simd!(q6_k_vnni),
-            (Q2K, Isa::Avx2 | Isa::Avx512Vnni) => simd!(q2_k_avx2),
-            (Q3K, Isa::Avx2 | Isa::Avx512Vnni) => simd!(q3_k_avx2),
-            (IQ4XS, Isa::Avx2 | Isa::Avx512Vnni) => simd!(iq4_xs_avx2),
+            (Q2K, Isa::Avx2) => simd!(q2_k_avx2),
+            (Q3K, Isa::Avx2) => simd!(q3_k_avx2),
+            (IQ4XS, Isa::Avx2) => simd!(iq4_xs_avx2),
+            (Q2K, Isa::Avx512Vnni) => simd!(q2_k_vnni),
+            (Q3K, Isa::Avx512Vnni) => simd!(q3_k_vnni),
+            (IQ4XS, Isa::Avx512Vnni) => simd!(iq4_xs_vnni),
             _ => {}
         }
     }
@@ -203,7 +201,7 @@ pub fn kdot_fn(ty: QuantType, isa: Isa) -> Option<KDotFn> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{q4_k_scale_min, BlockQ8};
+    use super::{iq4_xs_scale, q3_k_scales, q4_k_scale_min, BlockQ8, IQ4_LEVELS};
     use crate::kernels::qdot::x86::{dot_u8_i8_avx2, dot_u8_i8_vnni};
     use std::arch::x86_64::*;
 
@@ -259,6 +257,12 @@ mod x86 {
             w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
         }
         w
+    }
+
+    /// The 8-bit activations of a token's eight blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn activations(xt: &[BlockQ8]) -> [__m256i; 8] {
+        std::array::from_fn(|g| _mm256_loadu_si256(xt[g].qs.as_ptr() as *const __m256i))
     }
 
     /// Checks the bounds every kernel relies on.
@@ -397,9 +401,7 @@ mod x86 {
                 }
                 for t in 0..tokens {
                     let xt = &x[t * per_token..t * per_token + 8];
-                    let xq: [__m256i; 8] = std::array::from_fn(|g| {
-                        _mm256_loadu_si256(xt[g].qs.as_ptr() as *const __m256i)
-                    });
+                    let xq = activations(xt);
                     let dx = _mm256_mul_ps(d, gather8(xt, |b| b.d));
                     for (h, scale) in scales.iter().enumerate() {
                         let qx: [__m256i; 4] =
@@ -425,14 +427,29 @@ mod x86 {
         };
     }
 
-    /// The twins' own code built for AVX2 (the compiler vectorises their integer sums;
-    /// the float steps are the twins', so the bits are too).
-    macro_rules! vectorised {
-        ($($name:ident = $twin:ident),*) => {$(
+    /// Four groups' integer pair `[first halves | second halves]` (see [`halves4`]) times
+    /// per-half integers, each group's two products added: the four groups' sums.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scaled_halves(halves: __m256i, scales: __m256i) -> __m128i {
+        let p = _mm256_mullo_epi32(halves, scales);
+        _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1))
+    }
+
+    /// Per four groups `4h..4h + 4`, the bytes `at + 8h + 2k` (first halves) and
+    /// `at + 8h + 2k + 1` (second halves), read by `f`, in [`halves4`]'s lane order.
+    fn per_half(f: impl Fn(usize) -> i32, h: usize) -> [i32; 8] {
+        [0, 2, 4, 6, 1, 3, 5, 7].map(|i| f(8 * h + i))
+    }
+
+    macro_rules! low_bit_kernels {
+        ($q2k:ident, $q3k:ident, $iq4xs:ident, $features:literal, $dot:ident) => {
+            /// Q2_K: 2-bit codes in halves with 4-bit scales and mins,
+            /// d_x·(d·Σ sc·Σqx − dmin·Σ m·Σx) as the twin computes it.
+            ///
             /// # Safety
-            /// The CPU must support AVX2 (bounds are checked by the twin's slicing).
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $name(
+            /// The CPU must support the enabled features (bounds are checked).
+            #[target_feature(enable = $features)]
+            pub unsafe fn $q2k(
                 b: &[u8],
                 x: &[BlockQ8],
                 per_token: usize,
@@ -440,11 +457,150 @@ mod x86 {
                 out: &mut [f32],
                 stride: usize,
             ) {
-                super::scalar::tokens(super::scalar::$twin, (b, x, per_token, tokens), out, stride)
+                check(b, 84, x, (per_token, tokens), out, stride);
+                let (d, dmin) = (_mm256_set1_ps(f16_of(b, 80)), _mm256_set1_ps(f16_of(b, 82)));
+                let mask = _mm256_set1_epi8(3);
+                let mut w = [_mm256_setzero_si256(); 8];
+                for h in 0..2 {
+                    let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * h) as *const __m256i);
+                    for k in 0..4 {
+                        let shifted = _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * k as i32));
+                        w[4 * h + k] = _mm256_and_si256(shifted, mask);
+                    }
+                }
+                let load = |v: [i32; 8]| _mm256_loadu_si256(v.as_ptr() as *const __m256i);
+                let scales = [0, 1].map(|h| load(per_half(|i| (b[i] & 0x0f) as i32, h)));
+                let mins = [0, 1].map(|h| load(per_half(|i| (b[i] >> 4) as i32, h)));
+                let ones = _mm256_set1_epi8(1);
+                for t in 0..tokens {
+                    let xt = &x[t * per_token..t * per_token + 8];
+                    let xq = activations(xt);
+                    let (mut scaled, mut min) =
+                        ([_mm_setzero_si128(); 2], [_mm_setzero_si128(); 2]);
+                    for h in 0..2 {
+                        let qx: [__m256i; 4] =
+                            std::array::from_fn(|k| $dot(w[4 * h + k], xq[4 * h + k]));
+                        let sx: [__m256i; 4] = std::array::from_fn(|k| $dot(ones, xq[4 * h + k]));
+                        scaled[h] = scaled_halves(halves4(&qx), scales[h]);
+                        min[h] = scaled_halves(halves4(&sx), mins[h]);
+                    }
+                    let scaled = _mm256_cvtepi32_ps(_mm256_set_m128i(scaled[1], scaled[0]));
+                    let min = _mm256_cvtepi32_ps(_mm256_set_m128i(min[1], min[0]));
+                    let v = _mm256_sub_ps(_mm256_mul_ps(d, scaled), _mm256_mul_ps(dmin, min));
+                    _mm256_storeu_ps(
+                        out.as_mut_ptr().add(t * stride),
+                        _mm256_mul_ps(gather8(xt, |b| b.d), v),
+                    );
+                }
             }
-        )*};
+
+            /// Q3_K: codes q − (high bit ? 0 : 4), taken as q + 4·high (0..8) less 4·Σx,
+            /// in halves with signed 6-bit scales: (d·d_x)·Σ sc·Σqx.
+            ///
+            /// # Safety
+            /// The CPU must support the enabled features (bounds are checked).
+            #[target_feature(enable = $features)]
+            pub unsafe fn $q3k(
+                b: &[u8],
+                x: &[BlockQ8],
+                per_token: usize,
+                tokens: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                check(b, 110, x, (per_token, tokens), out, stride);
+                let d = _mm256_set1_ps(f16_of(b, 108));
+                let (mask, one) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
+                let hmask = _mm256_loadu_si256(b.as_ptr() as *const __m256i);
+                let mut w = [_mm256_setzero_si256(); 8];
+                for h in 0..2 {
+                    let q = _mm256_loadu_si256(b.as_ptr().add(32 + 32 * h) as *const __m256i);
+                    for k in 0..4 {
+                        let low = _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * k as i32));
+                        // Bit 4h + k of each byte (16-bit shifts: the other byte's bits land
+                        // outside the mask), moved to bit 2.
+                        let bit = _mm256_srl_epi16(hmask, _mm_cvtsi32_si128((4 * h + k) as i32));
+                        let high = _mm256_slli_epi16(_mm256_and_si256(bit, one), 2);
+                        w[4 * h + k] = _mm256_or_si256(_mm256_and_si256(low, mask), high);
+                    }
+                }
+                let sc = q3_k_scales(&b[96..108]);
+                let scales = [0, 1]
+                    .map(|h| _mm256_loadu_si256(per_half(|i| sc[i], h).as_ptr() as *const __m256i));
+                let ones = _mm256_set1_epi8(1);
+                for t in 0..tokens {
+                    let xt = &x[t * per_token..t * per_token + 8];
+                    let xq = activations(xt);
+                    let mut sums = [_mm_setzero_si128(); 2];
+                    for h in 0..2 {
+                        let qx: [__m256i; 4] =
+                            std::array::from_fn(|k| $dot(w[4 * h + k], xq[4 * h + k]));
+                        let sx: [__m256i; 4] = std::array::from_fn(|k| $dot(ones, xq[4 * h + k]));
+                        let v = _mm256_sub_epi32(halves4(&qx), _mm256_slli_epi32(halves4(&sx), 2));
+                        sums[h] = scaled_halves(v, scales[h]);
+                    }
+                    let sum = _mm256_cvtepi32_ps(_mm256_set_m128i(sums[1], sums[0]));
+                    let dx = _mm256_mul_ps(d, gather8(xt, |b| b.d));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(t * stride), _mm256_mul_ps(dx, sum));
+                }
+            }
+
+            /// IQ4_XS: nibbles looked up in IQ4_NL's levels (a byte shuffle), signed × signed
+            /// through |level| and x with the level's sign; (d·d_x)·(scale·Σ).
+            ///
+            /// # Safety
+            /// The CPU must support the enabled features (bounds are checked).
+            #[target_feature(enable = $features)]
+            pub unsafe fn $iq4xs(
+                b: &[u8],
+                x: &[BlockQ8],
+                per_token: usize,
+                tokens: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                check(b, 136, x, (per_token, tokens), out, stride);
+                let d = _mm256_set1_ps(f16_of(b, 0));
+                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                    IQ4_LEVELS.as_ptr() as *const __m128i
+                ));
+                let mask = _mm_set1_epi8(0x0f);
+                let levels: [__m256i; 8] = std::array::from_fn(|g| {
+                    let q = _mm_loadu_si128(b.as_ptr().add(8 + 16 * g) as *const __m128i);
+                    let lo = _mm_and_si128(q, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                    _mm256_shuffle_epi8(table, _mm256_set_m128i(hi, lo))
+                });
+                let size = levels.map(|l| _mm256_sign_epi8(l, l));
+                let scales: [i32; 8] = std::array::from_fn(|g| iq4_xs_scale(b, g));
+                let scales = _mm256_loadu_si256(scales.as_ptr() as *const __m256i);
+                for t in 0..tokens {
+                    let xt = &x[t * per_token..t * per_token + 8];
+                    let sums: [__m256i; 8] = std::array::from_fn(|g| {
+                        let xq = _mm256_loadu_si256(xt[g].qs.as_ptr() as *const __m256i);
+                        $dot(size[g], _mm256_sign_epi8(xq, levels[g]))
+                    });
+                    let sum = _mm256_cvtepi32_ps(_mm256_mullo_epi32(sums8(&sums), scales));
+                    let dx = _mm256_mul_ps(d, gather8(xt, |b| b.d));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(t * stride), _mm256_mul_ps(dx, sum));
+                }
+            }
+        };
     }
-    vectorised!(q2_k_avx2 = q2_k, q3_k_avx2 = q3_k, iq4_xs_avx2 = iq4_xs);
+    low_bit_kernels!(
+        q2_k_avx2,
+        q3_k_avx2,
+        iq4_xs_avx2,
+        "avx2,fma,f16c",
+        dot_u8_i8_avx2
+    );
+    low_bit_kernels!(
+        q2_k_vnni,
+        q3_k_vnni,
+        iq4_xs_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        dot_u8_i8_vnni
+    );
 
     kernels!(
         q4_k_avx2,
