@@ -268,3 +268,35 @@ fn impossible_pipeline_layouts_are_named() {
         .collect();
     assert_eq!(layouts, [(2, 2), (4, 1)]);
 }
+
+/// SGLang launch flags that do not apply are refused, each naming itself and why, before
+/// any weight is read.
+#[test]
+fn sglang_flags_that_do_not_apply_are_named() {
+    let model = common::fixture("tiny-llama");
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--model-path", model.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        tpserve(&args)
+    };
+    for (flags, needles) in [
+        (
+            &["--device", "cuda"][..],
+            &["--device cuda", "CPUs only"][..],
+        ),
+        (
+            &["--dtype", "float16"],
+            &["--dtype float16", "--dtype auto"],
+        ),
+        (&["--revision", "main"], &["--revision main", "local files"]),
+        (
+            &["--load-format", "gguf"],
+            &["--load-format gguf", "safetensors"],
+        ),
+        (&["--quantization", "awq"], &["--quantization awq"]),
+        (&["--random-seed", "7"], &["--random-seed 7", "seed"]),
+        (&["--skip-tokenizer-init"], &["--skip-tokenizer-init"]),
+    ] {
+        assert_clean_failure(serve(flags), needles);
+    }
+}

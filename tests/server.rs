@@ -29,6 +29,8 @@ const CHAT_Q: &str = "What is the capital of France?";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_and_native_apis_at_tp_2() {
+    // With the SGLang launch flags that apply (the tokenizer given again, as a path).
+    let tokenizer = common::smollm2();
     let s = start(&[
         "--tp",
         "2",
@@ -37,6 +39,15 @@ async fn openai_and_native_apis_at_tp_2() {
         "256",
         "--max-total-tokens",
         "1024",
+        "--trust-remote-code",
+        "--device",
+        "cpu",
+        "--dtype",
+        "auto",
+        "--load-format",
+        "gguf",
+        "--tokenizer-path",
+        tokenizer.to_str().unwrap(),
     ])
     .await;
     let b = &s.base;

@@ -7,6 +7,7 @@ mod generate;
 mod perplexity;
 mod plan;
 mod serve;
+mod sglang_flags;
 mod synth;
 mod tokenize;
 
@@ -84,7 +85,7 @@ pub enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Serve the model over HTTP: OpenAI and SGLang APIs (SGLang's launch_server).
     #[command(alias = "launch_server")]
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Prefill and decode speed of one batch per tp size, against memory bandwidth
     /// (SGLang's bench_one_batch), with the TP scaling table.
     Bench(bench::BenchArgs),
@@ -107,7 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::BenchServing(args) => bench_serving::run(args),
         Command::Plan(args) => plan::run(args),

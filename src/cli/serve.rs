@@ -23,6 +23,8 @@ pub struct ServeArgs {
     pub forward: super::ForwardArgs,
     #[command(flatten)]
     pub pipeline: super::PipelineArgs,
+    #[command(flatten)]
+    pub sglang: super::sglang_flags::SglangFlags,
     /// A GGUF file, or a Hugging Face model folder.
     #[arg(long = "model-path", visible_alias = "model")]
     pub model_path: PathBuf,
@@ -109,7 +111,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let pipeline = args.pipeline.options();
     let launch = Launch::resolve(args.comm.as_deref(), args.tp, pipeline.stages)?;
     let tp = launch.tp();
-    let files = loader::open_model(&args.model_path)?;
+    args.sglang.check(&args.model_path)?;
+    let mut files = loader::open_model(&args.model_path)?;
+    if let Some(path) = &args.sglang.tokenizer_path {
+        files.tokenizer = Some(loader::open_tokenizer(path)?);
+    }
     let cfg = files.config.clone();
     validate_layout(&cfg, tp, &pipeline)?;
     let tokenizer = Tokenizer::new(files.tokenizer.as_ref().ok_or_else(|| {
