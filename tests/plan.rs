@@ -21,7 +21,9 @@ fn check_against_engine(path: &std::path::Path, layouts: &[(usize, usize)]) {
         for (id, m) in held.iter().enumerate() {
             let src = files.tensors.as_ref();
             let (rank, stage) = (id % tp, Stage::new(layers, pp, id / tp).unwrap());
-            let planned = plan::stage_weight_bytes(&files.config, src, tp, rank, &stage).unwrap();
+            let planned = plan::stage_weights(&files.config, src, tp, rank, &stage)
+                .unwrap()
+                .total;
             assert_eq!(
                 planned,
                 m.weight_bytes,

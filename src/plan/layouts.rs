@@ -12,7 +12,7 @@
 //! (compute-bound steps, such as long prefills, are where micro-batches pay). Ranks are
 //! numbered with tp innermost: a TP group sits on one node whenever tp ≤ devices per node.
 
-use super::{kv_bytes_per_token, stage_weight_bytes, Link, PlanRequest, HEADROOM};
+use super::{kv_bytes_per_token, stage_weights, Link, PlanRequest, RankWeights, HEADROOM};
 use crate::shard::Stage;
 use anyhow::Result;
 
@@ -92,22 +92,23 @@ fn row(req: &PlanRequest, layout: Layout, nodes: Option<&Nodes>) -> Result<Layou
     // Per stage: (weight bytes, KV bytes per token) of its heaviest rank.
     let mut per_stage = Vec::new();
     for stage in &stages {
-        let mut worst = (0, 0);
+        let mut worst = (RankWeights::default(), 0);
         for rank in 0..tp {
-            let w = stage_weight_bytes(cfg, req.src, tp, rank, stage)?;
+            let w = stage_weights(cfg, req.src, tp, rank, stage)?;
             let kv = kv_bytes_per_token(cfg, req.src, tp, rank, req.kv_bytes)? / cfg.num_layers
                 * stage.layers.len();
-            if w + kv > worst.0 + worst.1 {
+            if w.total + kv > worst.0.total + worst.1 {
                 worst = (w, kv);
             }
         }
-        heaviest = heaviest.max(worst.0);
-        fits &= (worst.0 + worst.1 * context * req.batch_size) as f64 <= usable;
+        heaviest = heaviest.max(worst.0.total);
+        fits &= (worst.0.total + worst.1 * context * req.batch_size) as f64 <= usable;
         per_stage.push(worst);
     }
     let stage_s = |s: usize, batch: usize| {
         let (w, kv) = per_stage[s];
-        let read = (w + kv * context * batch) as f64 / (req.link.memory_gbps * 1e9);
+        let weights = w.read_per_step(cfg, batch);
+        let read = (weights + kv * context * batch) as f64 / (req.link.memory_gbps * 1e9);
         let reduce = cfg.hidden_size * batch * req.comm_bytes;
         read + 2.0 * stages[s].layers.len() as f64 * tp_link.all_reduce_s(tp, reduce)
     };

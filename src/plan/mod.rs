@@ -158,19 +158,39 @@ pub fn weight_bytes(
     src: &dyn TensorSource,
     tp: usize,
     rank: usize,
-) -> Result<usize> {
-    stage_weight_bytes(cfg, src, tp, rank, &Stage::whole(cfg.num_layers))
+) -> Result<RankWeights> {
+    stage_weights(cfg, src, tp, rank, &Stage::whole(cfg.num_layers))
+}
+
+/// A rank's weight bytes, and how many of them are routed experts'.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RankWeights {
+    pub total: usize,
+    pub routed: usize,
+}
+
+impl RankWeights {
+    /// Bytes a decode step of `batch` tokens reads: all but the routed experts, and of
+    /// each expert its share times the chance that one of the tokens picks it,
+    /// 1 − (1 − top_k / experts)^batch (routing taken as uniform).
+    pub fn read_per_step(&self, cfg: &ModelConfig, batch: usize) -> usize {
+        let Some(m) = &cfg.moe else {
+            return self.total;
+        };
+        let missed = (1.0 - m.top_k as f64 / m.num_experts as f64).powi(batch as i32);
+        self.total - (self.routed as f64 * missed) as usize
+    }
 }
 
 /// The same for rank `rank` of a pipeline stage: its layers, the embedding on the first
 /// stage, the final norm and LM head on the last (a tied table on both when they differ).
-pub fn stage_weight_bytes(
+pub fn stage_weights(
     cfg: &ModelConfig,
     src: &dyn TensorSource,
     tp: usize,
     rank: usize,
     stage: &Stage,
-) -> Result<usize> {
+) -> Result<RankWeights> {
     let plan = ShardPlan::new(cfg, src, tp, rank, 1)?;
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let (q_rows, kv_rows) = (plan.heads.num_q() * d, plan.heads.num_kv() * d);
@@ -178,6 +198,7 @@ pub fn stage_weight_bytes(
     let f32s = |n: usize| n * 4;
     let table = src.slice_bytes("model.embed_tokens.weight", vocab, h)?;
     let mut total = if stage.is_first() { table } else { 0 };
+    let mut routed = 0;
     if stage.is_last() {
         total += f32s(h);
         total += match (cfg.tie_word_embeddings, stage.is_first()) {
@@ -201,19 +222,21 @@ pub fn stage_weight_bytes(
             total += f32s(2 * d);
         }
         total += src.slice_bytes(&format!("{a}.o_proj.weight"), h, q_rows)?;
-        total += mlp_bytes(cfg, src, &plan, l)?;
+        let mlp = mlp_bytes(cfg, src, &plan, l)?;
+        total += mlp.total;
+        routed += mlp.routed;
     }
-    Ok(total)
+    Ok(RankWeights { total, routed })
 }
 
 /// Bytes of layer `l`'s MLP on a rank with `plan`: its neurons of the dense MLP, or of
-/// every expert (and the shared one) plus the replicated router.
+/// every expert (routed) and the shared one plus the replicated router.
 fn mlp_bytes(
     cfg: &ModelConfig,
     src: &dyn TensorSource,
     plan: &ShardPlan,
     l: usize,
-) -> Result<usize> {
+) -> Result<RankWeights> {
     let h = cfg.hidden_size;
     let p = format!("model.layers.{l}");
     let three = |prefix: &str, [gate, up, down]: [&str; 3], m: usize| -> Result<usize> {
@@ -224,26 +247,29 @@ fn mlp_bytes(
     let qwen = ["gate_proj", "up_proj", "down_proj"];
     let (Some(moe), Some(shard)) = (cfg.moe.as_ref().filter(|m| m.is_sparse(l)), &plan.experts)
     else {
-        return three(&format!("{p}.mlp"), qwen, plan.mlp.len());
+        let total = three(&format!("{p}.mlp"), qwen, plan.mlp.len())?;
+        return Ok(RankWeights { total, routed: 0 });
     };
     let (block, names) = if moe.mixtral_names {
         ("block_sparse_moe", ["w1", "w3", "w2"])
     } else {
         ("mlp", qwen)
     };
-    let mut total = src.slice_bytes(&format!("{p}.{block}.gate.weight"), moe.num_experts, h)?;
+    let mut routed = 0;
     for e in shard.owned.clone() {
-        total += three(
+        routed += three(
             &format!("{p}.{block}.experts.{e}"),
             names,
             shard.expert.len(),
         )?;
     }
+    let mut total =
+        routed + src.slice_bytes(&format!("{p}.{block}.gate.weight"), moe.num_experts, h)?;
     if moe.shared_expert_intermediate_size.is_some() {
         total += three(&format!("{p}.mlp.shared_expert"), qwen, shard.shared.len())?;
         total += src.slice_bytes(&format!("{p}.mlp.shared_expert_gate.weight"), 1, h)?;
     }
-    Ok(total)
+    Ok(RankWeights { total, routed })
 }
 
 /// KV cache bytes per token on rank `rank` of `tp`, with `elem_bytes` per stored value.
@@ -390,21 +416,23 @@ pub struct Plan {
 pub fn plan(req: &PlanRequest) -> Result<Plan> {
     let cfg = req.cfg;
     let usable = req.device_memory as f64 * (1.0 - HEADROOM);
-    let step = |tp: usize, weights: usize, kv: usize| {
-        // Decode is memory-bound: a step reads the rank's weights and its share of the KV
-        // cache, then does two all-reduces per layer of hidden × batch activations.
-        let bytes = weights + kv * req.context_length * req.batch_size;
+    let step = |tp: usize, weights: RankWeights, kv: usize| {
+        // Decode is memory-bound: a step reads the rank's weights (of a mixture of experts,
+        // those its tokens are routed to) and its share of the KV cache, then does two
+        // all-reduces per layer of hidden × batch activations.
+        let bytes =
+            weights.read_per_step(cfg, req.batch_size) + kv * req.context_length * req.batch_size;
         let memory_s = bytes as f64 / (req.link.memory_gbps * 1e9);
         let per_all_reduce = cfg.hidden_size * req.batch_size * req.comm_bytes;
         let comm_s = 2.0 * cfg.num_layers as f64 * req.link.all_reduce_s(tp, per_all_reduce);
         (memory_s + comm_s, comm_s)
     };
-    let heaviest = |tp: usize| -> Result<(usize, usize)> {
-        let mut worst = (0, 0);
+    let heaviest = |tp: usize| -> Result<(RankWeights, usize)> {
+        let mut worst = (RankWeights::default(), 0);
         for rank in 0..tp {
             let w = weight_bytes(cfg, req.src, tp, rank)?;
             let kv = kv_bytes_per_token(cfg, req.src, tp, rank, req.kv_bytes)?;
-            if w + kv > worst.0 + worst.1 {
+            if w.total + kv > worst.0.total + worst.1 {
                 worst = (w, kv);
             }
         }
@@ -415,14 +443,14 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
     let mut rows = Vec::new();
     for &tp in &req.devices {
         let (weights, kv) = heaviest(tp)?;
-        let needed = weights as f64 + (kv * req.context_length * req.batch_size) as f64;
-        let kv_tokens_fit = ((usable - weights as f64).max(0.0) / kv as f64) as usize;
+        let needed = weights.total as f64 + (kv * req.context_length * req.batch_size) as f64;
+        let kv_tokens_fit = ((usable - weights.total as f64).max(0.0) / kv as f64) as usize;
         let (step_s, comm_s) = step(tp, weights, kv);
         let tokens_per_s = req.batch_size as f64 / step_s;
         let speedup = base_s / step_s;
         rows.push(PlanRow {
             tp,
-            weight_bytes_per_rank: weights,
+            weight_bytes_per_rank: weights.total,
             kv_bytes_per_token_per_rank: kv,
             kv_tokens_fit,
             fits: needed <= usable,
@@ -480,7 +508,7 @@ mod tests {
             let cfg = preset(name).unwrap();
             let src = ShapeSource::new(cfg.clone(), WeightDtype::Bf16);
             // tp 1 holds the whole model: 2 bytes per parameter plus f32 norms.
-            let w = weight_bytes(&cfg, &src, 1, 0).unwrap();
+            let w = weight_bytes(&cfg, &src, 1, 0).unwrap().total;
             let params_b = w as f64 / 2.0 / 1e9;
             assert!(
                 params_b > 1.0 && params_b < 420.0,
@@ -491,6 +519,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("llama-3.1-8b"));
+    }
+
+    /// A decode step of a mixture of experts reads the experts its tokens pick: two of
+    /// Mixtral's eight for one token, nearly all for 64; a dense model reads everything.
+    #[test]
+    fn a_moe_step_reads_the_experts_its_tokens_pick() {
+        let cfg = preset("mixtral-8x7b").unwrap();
+        let src = ShapeSource::new(cfg.clone(), WeightDtype::Bf16);
+        let w = weight_bytes(&cfg, &src, 1, 0).unwrap();
+        assert!(w.routed > w.total * 9 / 10, "{w:?}");
+        let one = w.read_per_step(&cfg, 1) as f64;
+        let expected = (w.total - w.routed) as f64 + w.routed as f64 / 4.0;
+        assert!((one / expected - 1.0).abs() < 1e-6, "{one} vs {expected}");
+        assert!(w.read_per_step(&cfg, 64) as f64 > 0.9999 * w.total as f64);
+        let dense = preset("llama-3.1-8b").unwrap();
+        let src = ShapeSource::new(dense.clone(), WeightDtype::Bf16);
+        let w = weight_bytes(&dense, &src, 2, 0).unwrap();
+        assert_eq!((w.routed, w.read_per_step(&dense, 1)), (0, w.total));
     }
 
     #[test]
