@@ -396,25 +396,7 @@ impl GgufFile {
             arch: arch_name,
         };
         let experts = m.num("expert_count").is_ok_and(|n| n > 0);
-        let architecture = match (arch_name, experts) {
-            ("llama", false) => Architecture::Llama,
-            ("llama", true) => Architecture::Mixtral,
-            ("qwen2", false) => Architecture::Qwen2,
-            ("qwen3", false) => Architecture::Qwen3,
-            ("qwen2moe", true) => Architecture::Qwen2Moe,
-            ("qwen3moe", true) => Architecture::Qwen3Moe,
-            ("phi3", false) => Architecture::Phi3,
-            ("gemma2", false) => Architecture::Gemma2,
-            ("gemma3", false) => Architecture::Gemma3,
-            ("qwen2moe" | "qwen3moe", false) => {
-                bail!("{arch_name}.expert_count is missing or 0: a {arch_name} model needs experts")
-            }
-            (other, _) => bail!(
-                "unsupported GGUF architecture `{other}`{}: tpserve runs llama (and Mixtral's \
-                 experts), qwen2, qwen3, qwen2moe, qwen3moe, phi3, gemma2 and gemma3",
-                if experts { " with experts" } else { "" }
-            ),
-        };
+        let architecture = architecture(arch_name, experts)?;
         let hidden_size = m.num("embedding_length")?;
         let num_heads = m.num("attention.head_count")?;
         let num_kv_heads = m.num("attention.head_count_kv").unwrap_or(num_heads);
@@ -462,20 +444,23 @@ impl GgufFile {
             gemma_norms: gemma,
             norm_weight_offset: false,
             bos_token_id: self.token_id("bos_token_id"),
-            eos_token_ids: ["eos_token_id", "eot_token_id"]
-                .iter()
-                .filter_map(|k| self.token_id(k))
-                .fold(vec![], |mut ids, id| {
-                    if !ids.contains(&id) {
-                        ids.push(id);
-                    }
-                    ids
-                }),
+            eos_token_ids: self.end_ids(),
         };
         if gemma {
             m.gemma(&mut cfg)?;
         }
         Ok(cfg)
+    }
+
+    /// The end-of-sequence and end-of-turn ids, each once.
+    fn end_ids(&self) -> Vec<u32> {
+        let mut ids = vec![];
+        for id in ["eos_token_id", "eot_token_id"].map(|k| self.token_id(k)) {
+            if let Some(id) = id.filter(|id| !ids.contains(id)) {
+                ids.push(id);
+            }
+        }
+        ids
     }
 
     /// A `tokenizer.ggml.*` token id.
@@ -484,6 +469,29 @@ impl GgufFile {
             .and_then(Value::as_u64)
             .map(|v| v as u32)
     }
+}
+
+/// The architecture of a GGUF's `general.architecture`, with experts or without.
+fn architecture(arch: &str, experts: bool) -> Result<Architecture> {
+    Ok(match (arch, experts) {
+        ("llama", false) => Architecture::Llama,
+        ("llama", true) => Architecture::Mixtral,
+        ("qwen2", false) => Architecture::Qwen2,
+        ("qwen3", false) => Architecture::Qwen3,
+        ("qwen2moe", true) => Architecture::Qwen2Moe,
+        ("qwen3moe", true) => Architecture::Qwen3Moe,
+        ("phi3", false) => Architecture::Phi3,
+        ("gemma2", false) => Architecture::Gemma2,
+        ("gemma3", false) => Architecture::Gemma3,
+        ("qwen2moe" | "qwen3moe", false) => {
+            bail!("{arch}.expert_count is missing or 0: a {arch} model needs experts")
+        }
+        (other, _) => bail!(
+            "unsupported GGUF architecture `{other}`{}: tpserve runs llama (and Mixtral's \
+             experts), qwen2, qwen3, qwen2moe, qwen3moe, phi3, gemma2 and gemma3",
+            if experts { " with experts" } else { "" }
+        ),
+    })
 }
 
 /// The `{arch}.*` metadata of a file.
